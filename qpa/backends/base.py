@@ -1,0 +1,174 @@
+"""The one interface every quantum backend implements.
+
+A backend owns one parametrised circuit for a whole training run. Its unit of work is
+a batch of parameter bindings evaluated in a single primitive call (a Qiskit PUB), so a
+gradient by parameter shift costs one job, not 2P.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from qiskit.circuit import QuantumCircuit
+
+
+@dataclass
+class QuantumUsage:
+    """What a run spent on quantum execution (simulated or real)."""
+
+    jobs: int = 0
+    circuits: int = 0
+    shots: int = 0
+    seconds: float = 0.0
+
+    def record(self, circuits: int, shots: int, seconds: float) -> None:
+        self.jobs += 1
+        self.circuits += circuits
+        self.shots += shots
+        self.seconds += seconds
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def load(self, data: dict) -> None:
+        for key, value in data.items():
+            setattr(self, key, type(getattr(self, key))(value))
+
+
+@dataclass(frozen=True)
+class ShiftRule:
+    """A parameter-shift rule for gates whose generator has equidistant frequencies 1..R.
+
+    df/dx = sum_mu c_mu [f(x + s_mu) - f(x - s_mu)], s_mu = (2mu-1) pi / (2R),
+    c_mu = (-1)^(mu-1) / (4 R sin^2(s_mu / 2)) (Wierichs et al. 2022). R=1 is the familiar
+    +-pi/2 rule of RY; an RBS gate (a Givens rotation) has R=2.
+    """
+
+    frequencies: int
+
+    @property
+    def shifts(self) -> np.ndarray:
+        mu = np.arange(1, self.frequencies + 1)
+        return (2 * mu - 1) * np.pi / (2 * self.frequencies)
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        mu = np.arange(1, self.frequencies + 1)
+        return (-1.0) ** (mu - 1) / (4 * self.frequencies * np.sin(self.shifts / 2) ** 2)
+
+
+def shift_rule_for(circuit: QuantumCircuit) -> ShiftRule:
+    names = {instruction.operation.name for instruction in circuit.data if instruction.operation.params}
+    return ShiftRule(2 if "rbs" in names else 1)
+
+
+def shifted_bindings(theta: np.ndarray, rule: ShiftRule) -> np.ndarray:
+    """Bindings [theta, theta +- s_mu e_i ...] for one forward + full Jacobian, shape (1+2RP, P)."""
+    num_params = theta.shape[0]
+    rows = [theta[None, :]]
+    eye = np.eye(num_params)
+    for shift in rule.shifts:
+        rows.append(theta[None, :] + shift * eye)
+        rows.append(theta[None, :] - shift * eye)
+    return np.concatenate(rows, axis=0)
+
+
+def jacobian_from_shifts(values: np.ndarray, rule: ShiftRule) -> np.ndarray:
+    """Combine evaluations laid out by ``shifted_bindings`` into J[state, param]."""
+    num_params = (values.shape[0] - 1) // (2 * rule.frequencies)
+    jacobian = np.zeros((values.shape[1], num_params))
+    for index, coefficient in enumerate(rule.coefficients):
+        start = 1 + 2 * index * num_params
+        plus = values[start : start + num_params]
+        minus = values[start + num_params : start + 2 * num_params]
+        jacobian += coefficient * (plus - minus).T
+    return jacobian
+
+
+class QuantumBackend(ABC):
+    """Evaluates the output distribution p(theta) of one circuit, with gradients."""
+
+    #: True when ``probabilities`` is differentiable by torch autograd directly.
+    autograd_native: bool = False
+
+    def __init__(self, circuit: QuantumCircuit):
+        self.circuit = circuit
+        self.num_qubits = circuit.num_qubits
+        self.num_parameters = circuit.num_parameters
+        self.usage = QuantumUsage()
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @abstractmethod
+    def evaluate(self, bindings: np.ndarray) -> np.ndarray:
+        """p for every row of ``bindings`` (B, P) in one primitive call; returns (B, 2^n)."""
+
+    def probabilities(self, theta: torch.Tensor) -> torch.Tensor:
+        """p(theta) as a torch tensor; differentiable when ``theta`` requires grad."""
+        if theta.requires_grad and torch.is_grad_enabled():
+            return _ShiftRuleProbabilities.apply(theta, self)
+        values = self.evaluate(theta.detach().cpu().double().numpy()[None, :])
+        return torch.as_tensor(values[0], dtype=theta.dtype, device=theta.device)
+
+    def probabilities_and_jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """p(theta) and dp/dtheta from one call carrying every shifted binding."""
+        rule = shift_rule_for(self.circuit)
+        values = self.evaluate(shifted_bindings(theta, rule))
+        return values[0], jacobian_from_shifts(values, rule)
+
+    def close(self) -> None:
+        """Release sessions or devices. Safe to call more than once."""
+
+    def __enter__(self) -> QuantumBackend:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _timed(self) -> _Timer:
+        return _Timer()
+
+
+class _Timer:
+    def __enter__(self) -> _Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+class _ShiftRuleProbabilities(torch.autograd.Function):
+    """Bridges a non-autograd backend into torch: forward runs p and J in one job."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, backend: QuantumBackend) -> torch.Tensor:
+        probs, jacobian = backend.probabilities_and_jacobian(theta.detach().cpu().double().numpy())
+        ctx.save_for_backward(torch.as_tensor(jacobian, dtype=theta.dtype, device=theta.device))
+        return torch.as_tensor(probs, dtype=theta.dtype, device=theta.device)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (jacobian,) = ctx.saved_tensors
+        return jacobian.T @ grad_output, None
+
+
+def counts_to_probabilities(counts: dict[str, int], num_qubits: int) -> np.ndarray:
+    """Bitstring counts (Qiskit's big-endian strings) to a probability vector."""
+    probs = np.zeros(2**num_qubits)
+    total = sum(counts.values())
+    for bitstring, count in counts.items():
+        probs[int(bitstring, 2)] += count
+    return probs / max(total, 1)
+
+
+def qubits_needed(num_values: int) -> int:
+    """Smallest n with 2^n >= num_values (at least 1)."""
+    return max(1, math.ceil(math.log2(max(num_values, 1))))

@@ -1,0 +1,104 @@
+"""What an adapter method is to the trainer: attach, train hooks, state, export, accounting.
+
+Each method lives in its own module or folder under ``qpa/methods`` and registers itself
+by name in ``qpa.methods.METHODS``. The trainer never branches on the method's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from qpa.config import JobConfig
+
+
+class AdapterMethod(ABC):
+    """One adapter method applied to one base model for one job."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: JobConfig, target_modules: list[str]):
+        self.config = config
+        self.target_modules = target_modules
+        self.model: nn.Module | None = None
+
+    @abstractmethod
+    def attach(self, base_model: nn.Module) -> nn.Module:
+        """Wrap ``base_model`` (frozen) and return the model to train; sets ``self.model``.
+
+        At step 0 the returned model must compute exactly what the base model computes.
+        """
+
+    @abstractmethod
+    def trainable_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """Named trainable pieces; their state is what ``state/`` saves and restores."""
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (override to give parts their own learning rate)."""
+        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr}]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for piece in self.trainable_modules().values():
+            if isinstance(piece, nn.Parameter):
+                params.append(piece)
+            else:
+                params.extend(p for p in piece.parameters() if p.requires_grad)
+        return params
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, piece in self.trainable_modules().items():
+            out[key] = piece.detach().clone() if isinstance(piece, nn.Parameter) \
+                else piece.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, piece in self.trainable_modules().items():
+            if isinstance(piece, nn.Parameter):
+                with torch.no_grad():
+                    piece.copy_(state[key])
+            else:
+                piece.load_state_dict(state[key])
+
+    # -- training-loop hooks (no-ops for purely classical methods) --------------------
+    def before_forward(self, step: int) -> None:
+        """Called before each training forward pass (QPA refreshes circuit outputs here)."""
+
+    def before_optimizer_step(self, step: int, window_end: bool) -> None:
+        """Called after backward, before ``optimizer.step()``."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-parameter state to checkpoint (e.g. QPA's accumulated circuit gradient)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+
+    # -- results -----------------------------------------------------------------
+    @abstractmethod
+    def export_adapter(self, directory: Path) -> dict[str, Any]:
+        """Write a stock-PEFT adapter (adapter_config.json + adapter_model.safetensors).
+
+        Returns facts for the model card (e.g. the PEFT type, caveats of the export).
+        """
+
+    @abstractmethod
+    def parameter_report(self) -> dict[str, Any]:
+        """Exact trainable parameters and the equivalents they are compared against.
+
+        Must contain ``trainable_params`` and ``lora_equivalent_params`` (plain LoRA with
+        the config's rank on the same targets); methods may add more (``oft_equivalent_params``).
+        """
+
+    def quantum_report(self) -> dict[str, Any] | None:
+        """Quantum usage (jobs, circuits, shots, seconds) or None for classical methods."""
+        return None
+
+    def close(self) -> None:
+        """Release quantum sessions. Called on every exit path."""
