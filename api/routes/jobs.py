@@ -1,0 +1,168 @@
+"""Jobs: create, list, read, events (list or server-sent events), cancel, adapter."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, StreamingResponse
+
+from api.deps import ArtifactsDep, CeleryDep, CurrentKey, SessionDep, SettingsDep
+from api.schemas import JOB_BODY_EXAMPLE, ErrorResponse, EventList, EventObject, JobList, JobObject
+from services import store
+from services.jobs import prepare_config
+from services.queue import enqueue_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+NOT_FOUND = {404: {"model": ErrorResponse}}
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+def _owned_job(session: Any, job_id: str, owner_id: str) -> store.Job:
+    job = store.get_job(session, job_id, owner_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return job
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobObject,
+             responses={**NOT_FOUND, 422: {"model": ErrorResponse},
+                        503: {"model": ErrorResponse}})
+def create_job(
+    body: Annotated[dict[str, Any], Body(
+        description="A job config (the same schema as `qpa finetune`'s YAML) with "
+        "`train_file`/`eval_file` set to uploaded file ids.",
+        examples=[JOB_BODY_EXAMPLE])],
+    key: CurrentKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+) -> JobObject:
+    """Validate the config, store the job as `queued` and hand it to the workers."""
+    config = prepare_config(session, settings, key.id, body)
+    job = store.create_job(session, owner_id=key.id, config=config)
+    # Commit before publishing: a worker may pick the message up at once.
+    session.commit()
+    try:
+        enqueue_job(celery, job.id, settings)
+    except Exception as error:
+        job.status, job.finished_at = "failed", store.utcnow()
+        job.error = f"could not reach the job queue: {error}"
+        session.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"job queue unavailable ({error}); job {job.id} was not started"
+                            ) from None
+    return JobObject.of(job)
+
+
+@router.get("", response_model=JobList, responses=NOT_FOUND)
+def list_jobs(
+    key: CurrentKey, session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    after: Annotated[str | None, Query(description="Id of the last job of the previous "
+                                       "page (`last_id`).")] = None,
+    status_filter: Annotated[str | None, Query(
+        alias="status", pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+) -> JobList:
+    """Jobs of this API key, newest first."""
+    page = store.list_jobs(session, key.id, limit=limit, after=after, status=status_filter)
+    if page is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"after: no job {after!r}")
+    rows, has_more = page
+    data = [JobObject.of(job) for job in rows]
+    return JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None)
+
+
+@router.get("/{job_id}", response_model=JobObject, responses=NOT_FOUND)
+def get_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
+    """Status, progress (step, loss, eval loss), quantum usage, timestamps, metrics."""
+    return JobObject.of(_owned_job(session, job_id, key.id))
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses={
+    **NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
+def job_events(
+    job_id: str, request: Request, key: CurrentKey, session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="Return events with id > after.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    stream: Annotated[bool, Query(description="Server-sent events until the job ends "
+                                  "(also chosen by `Accept: text/event-stream`).")] = False,
+    accept: Annotated[str, Header()] = "",
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> Any:
+    """Progress events: a page (`after`, `limit`), or a live SSE stream that replays
+    from `after` (or `Last-Event-ID`) and ends once the job is finished."""
+    _owned_job(session, job_id, key.id)
+    if stream or "text/event-stream" in accept:
+        cursor = last_event_id if last_event_id is not None else after
+        return StreamingResponse(_event_stream(request, job_id, cursor),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    rows, has_more = store.list_events(session, job_id, after=after, limit=limit)
+    data = [EventObject.of(row) for row in rows]
+    return EventList(data=data, has_more=has_more, last_id=data[-1].id if data else None)
+
+
+async def _event_stream(request: Request, job_id: str, cursor: int) -> AsyncIterator[str]:
+    db: store.Store = request.app.state.store
+
+    def poll(after: int) -> tuple[list[EventObject], str | None]:
+        with db.session() as session:
+            rows, _ = store.list_events(session, job_id, after=after, limit=500)
+            job = store.get_job(session, job_id)
+            return [EventObject.of(row) for row in rows], job.status if job else None
+
+    last_sent = time.monotonic()
+    # Starlette's StreamingResponse cancels this generator when the client goes away.
+    while True:
+        events, job_status = await anyio.to_thread.run_sync(poll, cursor)
+        for item in events:
+            cursor = item.id
+            payload = item.model_dump_json()
+            yield f"id: {item.id}\nevent: {item.type}\ndata: {payload}\n\n"
+            last_sent = time.monotonic()
+        if not events and job_status in store.TERMINAL_STATUSES:
+            yield f"event: end\ndata: {json.dumps({'status': job_status})}\n\n"
+            return
+        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if not events:
+            await anyio.sleep(SSE_POLL_SECONDS)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject,
+             responses={**NOT_FOUND, 409: {"model": ErrorResponse}})
+def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
+    """Stop a job: a queued one at once, a running one within one training step (its last
+    checkpoint is kept). Cancelling a cancelled job is a no-op."""
+    job = _owned_job(session, job_id, key.id)
+    if job.status in ("succeeded", "failed"):
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job_id} already {job.status}; nothing to cancel")
+    return JobObject.of(store.request_cancel(session, job))
+
+
+@router.get("/{job_id}/adapter", response_class=FileResponse,
+            responses={**NOT_FOUND, 409: {"model": ErrorResponse},
+                       200: {"content": {"application/gzip": {}}}})
+def download_adapter(job_id: str, key: CurrentKey, session: SessionDep,
+                     artifacts: ArtifactsDep, settings: SettingsDep) -> FileResponse:
+    """The stock PEFT adapter folder as `adapter/…` in a .tar.gz, once the job succeeded."""
+    job = _owned_job(session, job_id, key.id)
+    if job.status != "succeeded":
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job_id} is {job.status}; the adapter is available once "
+                            "it has succeeded")
+    try:
+        archive = artifacts.adapter_archive(job_id)
+    except FileNotFoundError:
+        raise HTTPException(status.HTTP_410_GONE,
+                            f"job {job_id}'s adapter is missing from the artifact store "
+                            f"({settings.resolved_artifact_dir})") from None
+    return FileResponse(archive, media_type="application/gzip",
+                        filename=f"{job_id}-adapter.tar.gz")

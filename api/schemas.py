@@ -1,0 +1,150 @@
+"""Response shapes (and the job-body example) of the REST API, as pydantic models."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from services import store
+from services.backends import BackendInfo
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=timezone.utc) if moment is not None else None  # noqa: UP017
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What is wrong, naming the field or id at fault.")
+    field: str | None = Field(default=None, description="Config field at fault, if any.")
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    filename: str
+    bytes: int
+    records: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: store.File) -> FileObject:
+        return cls(id=row.id, filename=row.filename, bytes=row.bytes, records=row.records,
+                   created_at=_aware(row.created_at))
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+
+
+class Progress(BaseModel):
+    step: int = Field(description="Last step trained (goes back to the checkpoint's step "
+                      "when a job resumes after its worker died).")
+    total_steps: int
+    loss: float | None
+    lr: float | None
+    eval_loss: float | None
+    checkpoint_step: int | None = Field(description="Step of the last saved checkpoint.")
+
+
+class QuantumUsage(BaseModel):
+    jobs: int
+    circuits: int
+    shots: int
+    seconds: float
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    method: str
+    backend: str
+    base_model: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    progress: Progress
+    quantum: QuantumUsage
+    metrics: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int = Field(description="How many times a worker started this job.")
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: store.Job) -> JobObject:
+        return cls(
+            id=job.id, status=job.status, method=job.method, backend=job.backend,
+            base_model=job.base_model, created_at=_aware(job.created_at),
+            started_at=_aware(job.started_at), finished_at=_aware(job.finished_at),
+            updated_at=_aware(job.updated_at),
+            progress=Progress(step=job.step, total_steps=job.total_steps, loss=job.loss,
+                              lr=job.lr, eval_loss=job.eval_loss,
+                              checkpoint_step=job.checkpoint_step),
+            quantum=QuantumUsage(jobs=job.quantum_jobs, circuits=job.quantum_circuits,
+                                 shots=job.quantum_shots, seconds=job.quantum_seconds),
+            metrics=job.metrics, error=job.error, cancel_requested=job.cancel_requested,
+            attempts=job.attempts, config=job.config,
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class EventObject(BaseModel):
+    id: int = Field(description="Increasing per server; pass as `after` for the next page.")
+    job_id: str
+    created_at: datetime
+    type: str
+    attempt: int
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: store.Event) -> EventObject:
+        return cls(id=row.seq, job_id=row.job_id, created_at=_aware(row.created_at),
+                   type=row.type, attempt=row.attempt, data=row.data)
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool
+    last_id: int | None
+
+
+class BackendObject(BaseModel):
+    name: str
+    kind: Literal["simulator", "fake", "ibm"]
+    available: bool
+    allowed: bool
+    reason: str | None
+    description: str
+
+    @classmethod
+    def of(cls, info: BackendInfo) -> BackendObject:
+        return cls(**info.as_dict())
+
+
+class BackendList(BaseModel):
+    object: Literal["list"] = "list"
+    default: str
+    data: list[BackendObject]
+
+
+JOB_BODY_EXAMPLE: dict[str, Any] = {
+    "base_model": "smollm2-135m",
+    "method": "qpa",
+    "backend": "statevector",
+    "train_file": "file-0123456789abcdef01234567",
+    "steps": 100,
+    "qpa": {"chunk_size": 64, "depth": 8},
+}

@@ -1,0 +1,105 @@
+"""The backend registry behind GET /v1/backends and the job-submission check.
+
+Lists the simulators, the fake IBM backends (local testing mode) and the IBM backends
+named in settings, each with whether it can be used now and, if not, why. Simulator
+versus QPU is configuration: what is listed and allowed comes from ``Settings``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from services.settings import Settings
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    kind: str  # simulator | fake | ibm
+    available: bool
+    allowed: bool
+    reason: str | None = None
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ibm_status(spec: str, settings: Settings) -> tuple[bool, str | None]:
+    """Whether an ``ibm:<name>`` backend is usable, and why not.
+
+    Delegates to the library (``qpa.backends.ibm.ibm_status``) when it has it; otherwise
+    only checks that credentials are present.
+    """
+    try:
+        from qpa.backends.ibm import ibm_status as library_status
+    except ImportError:
+        library_status = None
+    if library_status is not None:
+        try:
+            available, reason = library_status(spec)
+        except Exception as error:  # a status probe must never break the listing
+            return False, f"could not check {spec}: {error}"
+        return bool(available), reason
+    if importlib.util.find_spec("qiskit_ibm_runtime") is None:
+        return False, "qiskit-ibm-runtime is not installed"
+    if settings.ibm_token_source == "env":
+        if os.environ.get("QISKIT_IBM_TOKEN"):
+            return True, None
+        return False, "no IBM Quantum credentials: set QISKIT_IBM_TOKEN on the workers"
+    if (Path.home() / ".qiskit" / "qiskit-ibm.json").is_file():
+        return True, None
+    return False, "no saved Qiskit account (QiskitRuntimeService.save_account)"
+
+
+def list_backends(settings: Settings) -> list[BackendInfo]:
+    backends = [
+        BackendInfo("statevector", "simulator", True, settings.backend_allowed("statevector"),
+                    description="exact torch statevector simulation with autograd"),
+    ]
+    aer_installed = importlib.util.find_spec("qiskit_aer") is not None
+    backends.append(BackendInfo(
+        "aer", "simulator", aer_installed, settings.backend_allowed("aer"),
+        None if aer_installed else "qiskit-aer is not installed",
+        "qiskit-aer primitives (exact or with shots)",
+    ))
+    for name in sorted(_fake_backend_names()):
+        spec = f"ibm-fake:{name}"
+        backends.append(BackendInfo(spec, "fake", True, settings.backend_allowed(spec),
+                                    description="Qiskit Runtime local testing mode, "
+                                    "with the fake device's noise model"))
+    for name in settings.ibm_backends:
+        spec = f"ibm:{name}"
+        available, reason = ibm_status(spec, settings)
+        backends.append(BackendInfo(spec, "ibm", available, settings.backend_allowed(spec),
+                                    reason, "IBM Quantum hardware via Qiskit Runtime"))
+    return backends
+
+
+def unusable_reason(spec: str, settings: Settings) -> str | None:
+    """Why a job may not use ``spec`` on this server (None: it may)."""
+    if not settings.backend_allowed(spec):
+        return (f"backend {spec!r} is not allowed on this server (allowed: "
+                f"{', '.join(settings.allowed_backends)})")
+    if spec == "aer" and importlib.util.find_spec("qiskit_aer") is None:
+        return "backend 'aer' is unavailable: qiskit-aer is not installed"
+    if spec.startswith("ibm:"):
+        available, reason = ibm_status(spec, settings)
+        if not available:
+            return f"backend {spec!r} is unavailable: {reason}"
+    return None
+
+
+def _fake_backend_names() -> frozenset[str]:
+    try:
+        from qpa.backends.ibm import fake_backend_names
+    except ImportError:
+        return frozenset()
+    try:
+        return fake_backend_names()
+    except Exception:  # qiskit-ibm-runtime missing or broken: list no fakes
+        return frozenset()

@@ -1,0 +1,286 @@
+"""The job runner: run one stored job with ``qpa.training.finetune``, idempotently.
+
+Both sides call it: the Celery task is a one-line wrapper, and tests or a future
+in-process executor can call ``run_job`` directly. It
+
+1. skips a job that is terminal, or whose lease a live worker holds (redelivered duplicate);
+2. takes the job's lease atomically and renews it from a heartbeat thread;
+3. runs training into the job's artifact folder with ``resume=True``, so a job whose
+   previous worker died continues from the checkpoint in ``state/``;
+4. writes every trainer event to the store and mirrors progress onto the job row, each
+   write conditional on still holding the lease;
+5. stops within one step when the cancel flag is set, the lease is lost, or the worker
+   is shutting down, and records the outcome. Failed jobs keep events and checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+
+from services import store
+from services.artifacts import ArtifactStore
+from services.logs import JobLogger
+from services.settings import Settings, get_settings
+
+logger = logging.getLogger("qpa.runner")
+
+# Outcomes of run_job besides the terminal statuses.
+SKIPPED = "skipped"  # terminal already, or another live worker holds the job
+LOST = "lost"  # the lease was taken over while running; the new holder reports
+INTERRUPTED = "interrupted"  # this worker is shutting down; job requeued from checkpoint
+
+
+def run_job(job_id: str, settings: Settings | None = None, *,
+            shutdown: threading.Event | None = None,
+            requeue: Callable[[str], None] | None = None) -> str:
+    """Run (or resume) one job; returns its final status or SKIPPED/LOST/INTERRUPTED.
+
+    ``shutdown``: set by the worker on warm shutdown; training then checkpoints, the job
+    goes back to ``queued`` and ``requeue(job_id)`` publishes it again.
+    """
+    settings = settings or get_settings()
+    db = store.get_store(settings.resolved_database_url)
+    artifacts = ArtifactStore(settings.resolved_artifact_dir)
+    owner = f"{store.this_host()}/{os.getpid()}/{secrets.token_hex(4)}"
+    log = JobLogger(logger, {"job_id": job_id})
+
+    with db.session() as session:
+        job = store.get_job(session, job_id)
+        if job is None:
+            log.warning("job does not exist; message dropped")
+            return SKIPPED
+        if job.status in store.TERMINAL_STATUSES:
+            log.info("job is already %s; not run again", job.status)
+            return SKIPPED
+        job = store.acquire_lease(session, job_id, owner, settings.lease_seconds)
+        if job is None:
+            log.info("job is held by a live worker; duplicate delivery skipped")
+            return SKIPPED
+        attempt = job.attempts
+        config_data = dict(job.config)
+        if job.cancel_requested:
+            _finish(session, job_id, owner, attempt, "cancelled", "cancelled before it started")
+            return "cancelled"
+        resuming = artifacts.has_checkpoint(job_id)
+        message = f"running on {owner} (attempt {attempt})"
+        if resuming:
+            message += f"; resuming from the checkpoint at step {job.checkpoint_step}"
+        store.add_event(session, job_id, {"type": "status", "status": "running",
+                                          "message": message}, attempt=attempt)
+    log.info(message, extra={"attempt": attempt})
+
+    job_run = _JobRun(job_id, owner, attempt, settings, db, log, shutdown)
+    job_run.start_heartbeat()
+    try:
+        return job_run.train(config_data, artifacts, requeue)
+    finally:
+        job_run.stop_heartbeat()
+
+
+class _JobRun:
+    """State of one attempt: the lease holder's heartbeat and the trainer's callbacks."""
+
+    def __init__(self, job_id: str, owner: str, attempt: int, settings: Settings,
+                 db: store.Store, log: JobLogger, shutdown: threading.Event | None):
+        self.job_id = job_id
+        self.owner = owner
+        self.attempt = attempt
+        self.settings = settings
+        self.db = db
+        self.log = log
+        self.shutdown = shutdown or threading.Event()
+        self.lease_lost = threading.Event()
+        self._done = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._last_step_at: float | None = None
+
+    # -- lease ------------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}",
+                                           daemon=True)
+        self._heartbeat.start()
+
+    def stop_heartbeat(self) -> None:
+        self._done.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+
+    def _beat(self) -> None:
+        # A thread, not the training loop, renews the lease: one step on a QPU can take
+        # longer than the lease, and the job must not look dead meanwhile.
+        while not self._done.wait(self.settings.heartbeat_seconds):
+            try:
+                with self.db.session() as session:
+                    held = store.renew_lease(session, self.job_id, self.owner)
+            except Exception:
+                self.log.exception("heartbeat failed; retrying")
+                continue
+            if not held:
+                self.log.warning("lease lost to another worker; stopping")
+                self.lease_lost.set()
+                return
+
+    # -- trainer callbacks -------------------------------------------------------------
+
+    def should_stop(self) -> bool:
+        if self.lease_lost.is_set() or self.shutdown.is_set():
+            return True
+        try:
+            with self.db.session() as session:
+                return bool(session.scalar(
+                    select(store.Job.cancel_requested).where(store.Job.id == self.job_id)))
+        except Exception:
+            self.log.exception("could not read the cancel flag; training goes on")
+            return False
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        event = _json_safe(event)
+        kind = event.get("type")
+        values: dict[str, Any] = {}
+        if kind == "step":
+            now = time.monotonic()
+            values.update(step=int(event["step"]), loss=event.get("loss"), lr=event.get("lr"))
+            if event.get("total_steps"):
+                values["total_steps"] = int(event["total_steps"])
+            quantum = event.get("quantum") or {}
+            for field in ("jobs", "circuits", "shots", "seconds"):
+                if quantum.get(field) is not None:
+                    values[f"quantum_{field}"] = quantum[field]
+            if self._last_step_at is not None:
+                # The first step of an attempt also pays model loading: not a step time.
+                values["step_seconds_total"] = store.Job.step_seconds_total + (
+                    now - self._last_step_at)
+                values["steps_run"] = store.Job.steps_run + 1
+            self._last_step_at = now
+        elif kind == "eval" and event.get("eval_loss") is not None:
+            values["eval_loss"] = event["eval_loss"]
+        elif kind == "checkpoint":
+            values["checkpoint_step"] = int(event["step"])
+        try:
+            with self.db.session() as session:
+                if values and not store.update_leased_job(session, self.job_id, self.owner,
+                                                          **values):
+                    self.lease_lost.set()
+                    return
+                store.add_event(session, self.job_id, event, attempt=self.attempt)
+        except Exception:
+            # Losing one progress event must not kill hours of training.
+            self.log.exception("could not record event %s", kind)
+        if kind in ("status", "eval", "checkpoint"):
+            self.log.info("%s", event.get("message") or kind,
+                          extra={k: v for k, v in event.items() if k not in ("type", "message")})
+
+    # -- the run -----------------------------------------------------------------------
+
+    def train(self, config_data: dict[str, Any], artifacts: ArtifactStore,
+              requeue: Callable[[str], None] | None) -> str:
+        from qpa.config import parse_config
+        from qpa.errors import ConfigError, JobCancelled, QuantumBudgetExceeded
+
+        try:
+            from qpa.training import finetune
+
+            for field in ("train_file", "eval_file"):
+                if config_data.get(field):
+                    path = artifacts.file_path(config_data[field])
+                    if not path.is_file():
+                        raise ConfigError(field, f"uploaded file {config_data[field]} is gone")
+                    config_data[field] = str(path)
+            config = parse_config(config_data)
+            metrics = finetune(config, artifacts.job_dir(self.job_id), on_event=self.on_event,
+                               should_stop=self.should_stop, resume=True)
+        except JobCancelled as stopped:
+            return self._stopped(stopped.step, requeue)
+        except ConfigError as error:
+            return self._fail(f"{error.field}: {error.reason}")
+        except QuantumBudgetExceeded as error:
+            return self._fail(f"quantum budget exceeded: {error}")
+        except ImportError as error:
+            return self._fail(f"the worker cannot train: {error}")
+        except Exception as error:
+            self.on_event({"type": "log", "level": "error",
+                           "message": traceback.format_exc(limit=20)})
+            return self._fail(f"{type(error).__name__}: {error}")
+        try:
+            artifacts.adapter_archive(self.job_id)
+        except Exception:  # the API builds it on demand if this failed
+            self.log.exception("could not pre-build the adapter archive")
+        with self.db.session() as session:
+            if not _finish(session, self.job_id, self.owner, self.attempt, "succeeded",
+                           "training finished", metrics=_json_safe(metrics)):
+                return LOST
+        self.log.info("job succeeded")
+        return "succeeded"
+
+    def _stopped(self, step: int, requeue: Callable[[str], None] | None) -> str:
+        if self.lease_lost.is_set():
+            self.log.warning("stopped at step %s after losing the lease", step)
+            return LOST
+        with self.db.session() as session:
+            job = store.get_job(session, self.job_id)
+            cancelled = job is not None and job.cancel_requested
+            if cancelled:
+                _finish(session, self.job_id, self.owner, self.attempt, "cancelled",
+                        f"cancelled at step {step}; checkpoint kept")
+                self.log.info("job cancelled at step %s", step)
+                return "cancelled"
+            # Worker shutdown: hand the job back; the next worker resumes from the
+            # checkpoint training just wrote.
+            store.update_leased_job(session, self.job_id, self.owner, status="queued",
+                                    lease_owner=None, lease_host=None, lease_pid=None)
+            store.add_event(session, self.job_id, {
+                "type": "status", "status": "queued",
+                "message": f"worker shutting down at step {step}; requeued to resume "
+                "from its checkpoint"}, attempt=self.attempt)
+        if requeue is not None:
+            requeue(self.job_id)
+        self.log.info("job interrupted by worker shutdown at step %s; requeued", step)
+        return INTERRUPTED
+
+    def _fail(self, error: str) -> str:
+        self.log.error("job failed: %s", error)
+        with self.db.session() as session:
+            if not _finish(session, self.job_id, self.owner, self.attempt, "failed", error,
+                           error=error):
+                return LOST
+        return "failed"
+
+
+def _finish(session: Any, job_id: str, owner: str, attempt: int, status: str, message: str,
+            **values: Any) -> bool:
+    """Record a terminal status and release the lease, if ``owner`` still holds it."""
+    done = store.update_leased_job(
+        session, job_id, owner, status=status, finished_at=store.utcnow(),
+        lease_owner=None, lease_host=None, lease_pid=None, heartbeat_at=None, **values)
+    if done:
+        event: dict[str, Any] = {"type": "status", "status": status, "message": message}
+        if values.get("error"):
+            event["error"] = values["error"]
+        store.add_event(session, job_id, event, attempt=attempt)
+    return done
+
+
+def _json_safe(value: Any) -> Any:
+    """Events go into JSON columns: numbers from numpy/torch become floats, NaN/inf None."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):
+        return _json_safe(value.item())
+    return str(value)

@@ -1,0 +1,125 @@
+"""One settings object for the service: API, worker, embedded server and CLI all read it.
+
+Every field comes from an environment variable prefixed ``QPA_`` (``QPA_DATABASE_URL``,
+``QPA_BROKER_URL``...) or from a ``.env`` file in the working directory. With nothing set,
+all server-side state lives under ``QPA_HOME`` (default ``~/.qpa``): a SQLite database,
+a local artifact folder and, for ``qpa serve``, the embedded Redis server's data.
+Simulator versus QPU is configuration: ``QPA_DEFAULT_BACKEND`` and ``QPA_ALLOWED_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Server-side configuration (environment variables ``QPA_<FIELD>``, or ``.env``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QPA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    home: Path = Field(
+        default=Path("~/.qpa"),
+        description="Root of server-side state when nothing else is configured (QPA_HOME).",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker (Redis) URL. Unset: `qpa serve` starts its own Redis; "
+        "a standalone api/worker uses redis://127.0.0.1:6379/0.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the job store (sqlite:///... or postgresql+psycopg://...). "
+        "Unset: sqlite under QPA_HOME.",
+    )
+    artifact_dir: Path | None = Field(
+        default=None,
+        description="Uploaded files and job outputs (adapters, checkpoints). Unset: "
+        "QPA_HOME/artifacts. Must be shared by the api and every worker.",
+    )
+    queue: str = Field(default="qpa", description="Celery queue the jobs are sent to.")
+
+    default_backend: str = Field(
+        default="statevector", description="Backend of a job whose config names none."
+    )
+    allowed_backends: CommaList = Field(
+        default_factory=lambda: ["statevector", "aer", "ibm-fake:*", "ibm:*"],
+        description="Comma-separated glob patterns of backends jobs may use.",
+    )
+    ibm_backends: CommaList = Field(
+        default_factory=list,
+        description="IBM backend names to list in GET /v1/backends (e.g. ibm_brisbane).",
+    )
+    max_qubits: int = Field(default=24, ge=1, description="Widest circuit a job may run.")
+    max_quantum_seconds: float | None = Field(
+        default=None, gt=0, description="Cap on quantum seconds per job (None: no cap)."
+    )
+    max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1, description="Largest accepted JSONL upload."
+    )
+
+    ibm_channel: str = Field(
+        default="ibm_quantum_platform", description="Qiskit Runtime channel."
+    )
+    ibm_instance: str | None = Field(default=None, description="Qiskit Runtime instance (CRN).")
+    ibm_token_source: Literal["env", "saved"] = Field(
+        default="env",
+        description="env: token from QISKIT_IBM_TOKEN; saved: the saved Qiskit account.",
+    )
+
+    # Redelivery. A running job holds a lease that its worker renews every
+    # heartbeat_seconds; a lease older than lease_seconds (or held by a dead process
+    # on this host) is taken over and the job resumes from its checkpoint.
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    reap_seconds: float = Field(default=15.0, gt=0, description="How often workers look "
+                                "for jobs whose worker died.")
+    visibility_timeout: int = Field(
+        default=3600, ge=1,
+        description="Redis broker visibility timeout (s): a backstop only, since the lease "
+        "makes redelivered duplicates harmless.",
+    )
+
+    log_level: str = "INFO"
+    log_json: bool = Field(default=True, description="JSON log lines (False: plain text).")
+
+    @field_validator("allowed_backends", "ibm_backends", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'qpa.db'}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.home_dir / "artifacts").expanduser()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "redis://127.0.0.1:6379/0"
+
+    def backend_allowed(self, spec: str) -> bool:
+        return any(fnmatch.fnmatchcase(spec, pattern) for pattern in self.allowed_backends)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests build their own ``Settings``)."""
+    return Settings()

@@ -1,0 +1,445 @@
+"""The job store of record: API keys, uploaded files, jobs and their events, in SQL.
+
+SQLAlchemy 2.0 models plus a small CRUD layer. SQLite by default (WAL mode, so the API
+reads while a worker writes), PostgreSQL by URL. Celery's result backend is not used:
+everything a client sees about a job is read from here.
+
+Leases make redelivery safe: a worker runs a job only after atomically taking its lease,
+renews it by heartbeat, and every write it makes afterwards is conditional on still
+holding it. A job whose lease went stale (its worker died) is handed back to the queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+KEY_PREFIX = "qpa_"
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what SQLite round-trips; converted to aware at the API edge."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)  # noqa: UP017 (py3.10 target)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def hash_key(key: str) -> str:
+    # API keys are 256-bit random strings, so a fast unsalted hash is enough: there is
+    # nothing to brute-force, and lookup by hash stays a single indexed query.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class File(Base):
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(500))
+    bytes: Mapped[int] = mapped_column(Integer)
+    records: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    # seq orders and paginates; id is what clients see.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    method: Mapped[str] = mapped_column(String(32))
+    backend: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(500))
+
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    # Progress, updated from the trainer's events.
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    eval_loss: Mapped[float | None] = mapped_column(Float)
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
+    quantum_jobs: Mapped[int] = mapped_column(Integer, default=0)
+    quantum_circuits: Mapped[int] = mapped_column(Integer, default=0)
+    quantum_shots: Mapped[int] = mapped_column(Integer, default=0)
+    quantum_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # For the step-time metric: wall seconds over steps run (all attempts).
+    step_seconds_total: Mapped[float] = mapped_column(Float, default=0.0)
+    steps_run: Mapped[int] = mapped_column(Integer, default=0)
+
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    # Lease: who runs the job now, and when it last said so.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_host: Mapped[str | None] = mapped_column(String(200))
+    lease_pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    type: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Store:
+    """Engine and session factory for one database URL (one per process)."""
+
+    def __init__(self, database_url: str):
+        self.url = database_url
+        self.engine = _make_engine(database_url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        _create_tables(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on error."""
+        with self._sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL: readers (the API) never block the writer (a worker) and vice versa.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _create_tables(engine: Engine) -> None:
+    # api and workers may start together against a fresh database; the loser of the
+    # CREATE TABLE race just sees the tables exist on its second look.
+    for attempt in range(3):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 2:
+                raise
+
+
+_stores: dict[tuple[int, str], Store] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(database_url: str) -> Store:
+    """The process's Store for ``database_url``. Keyed by pid: a forked Celery child must
+    not reuse its parent's pooled connections."""
+    key = (os.getpid(), database_url)
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = Store(database_url)
+        return store
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+
+def create_api_key(session: Session, name: str = "") -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the plaintext key (shown once, stored hashed)."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(plaintext),
+                 prefix=plaintext[:8])
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def find_api_key(session: Session, plaintext: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext)))
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def create_file(session: Session, *, file_id: str, owner_id: str, filename: str, size: int,
+                records: int) -> File:
+    row = File(id=file_id, owner_id=owner_id, filename=filename, bytes=size, records=records)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, file_id: str, owner_id: str) -> File | None:
+    """The file if it exists and belongs to ``owner_id`` (else None: callers answer 404)."""
+    return session.scalar(select(File).where(File.id == file_id, File.owner_id == owner_id))
+
+
+def list_files(session: Session, owner_id: str) -> Sequence[File]:
+    return session.scalars(
+        select(File).where(File.owner_id == owner_id).order_by(File.created_at.desc())
+    ).all()
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+
+def create_job(session: Session, *, owner_id: str, config: dict[str, Any]) -> Job:
+    job = Job(
+        id=new_id("job"), owner_id=owner_id, status="queued", config=config,
+        method=config["method"], backend=config["backend"], base_model=config["base_model"],
+        total_steps=config["steps"],
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, {"type": "status", "status": "queued",
+                                "message": "job created"})
+    return job
+
+
+def get_job(session: Session, job_id: str, owner_id: str | None = None) -> Job | None:
+    """The job, or None when it does not exist or is not ``owner_id``'s."""
+    query = select(Job).where(Job.id == job_id)
+    if owner_id is not None:
+        query = query.where(Job.owner_id == owner_id)
+    return session.scalar(query)
+
+
+def list_jobs(session: Session, owner_id: str, *, limit: int, after: str | None = None,
+              status: str | None = None) -> tuple[Sequence[Job], bool] | None:
+    """Newest first, ``limit`` at a time after the job ``after``; None if ``after`` is unknown."""
+    query = select(Job).where(Job.owner_id == owner_id)
+    if after is not None:
+        cursor = get_job(session, after, owner_id)
+        if cursor is None:
+            return None
+        query = query.where(Job.seq < cursor.seq)
+    if status is not None:
+        query = query.where(Job.status == status)
+    rows = session.scalars(query.order_by(Job.seq.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Flag a job for cancellation. A queued job is cancelled at once; a running one stops
+    at its next step (its worker polls the flag)."""
+    if job.status in TERMINAL_STATUSES:
+        return job
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        add_event(session, job.id, {"type": "status", "status": "cancelled",
+                                    "message": "cancelled before it started"})
+    else:
+        add_event(session, job.id, {"type": "status", "status": "running",
+                                    "message": "cancel requested; stopping at the next step"})
+    session.flush()
+    return job
+
+
+def add_event(session: Session, job_id: str, data: dict[str, Any], attempt: int = 0) -> Event:
+    row = Event(job_id=job_id, type=str(data.get("type", "log")), attempt=attempt, data=data)
+    session.add(row)
+    return row
+
+
+def list_events(session: Session, job_id: str, *, after: int = 0,
+                limit: int = 100) -> tuple[Sequence[Event], bool]:
+    rows = session.scalars(
+        select(Event).where(Event.job_id == job_id, Event.seq > after)
+        .order_by(Event.seq).limit(limit + 1)
+    ).all()
+    return rows[:limit], len(rows) > limit
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+        counts[status] = count
+    return counts
+
+
+# --- leases -----------------------------------------------------------------------------
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (zombies count as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def lease_is_dead(job: Job, now: datetime, lease_seconds: float) -> bool:
+    """A lease is dead when its heartbeat is older than ``lease_seconds`` or, faster, when
+    its holder was a process on this very host that no longer exists."""
+    if job.lease_owner is None:
+        return True
+    if job.heartbeat_at is None or job.heartbeat_at < now - timedelta(seconds=lease_seconds):
+        return True
+    return job.lease_host == this_host() and job.lease_pid is not None and \
+        not pid_alive(job.lease_pid)
+
+
+def acquire_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> Job | None:
+    """Atomically make ``owner`` the runner of a queued job, or of a running job whose
+    lease is dead. Returns the job, or None if it is terminal or someone alive holds it."""
+    job = get_job(session, job_id)
+    if job is None or job.status in TERMINAL_STATUSES:
+        return None
+    now = utcnow()
+    if job.status == "running" and not lease_is_dead(job, now, lease_seconds):
+        return None
+    # Compare-and-set on the lease we looked at: of two workers racing, one wins.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == job.status,
+               Job.lease_owner.is_(None) if job.lease_owner is None
+               else Job.lease_owner == job.lease_owner)
+        .values(status="running", lease_owner=owner, lease_host=this_host(),
+                lease_pid=os.getpid(), heartbeat_at=now, attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def renew_lease(session: Session, job_id: str, owner: str) -> bool:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+        .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def update_leased_job(session: Session, job_id: str, owner: str, **values: Any) -> bool:
+    """Update a job only while ``owner`` holds its lease (a worker that lost its lease
+    must not overwrite the progress of the worker that took over)."""
+    values.setdefault("updated_at", utcnow())
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def requeue_dead_jobs(session: Session, lease_seconds: float) -> list[str]:
+    """Hand running jobs whose worker died back to the queue; returns their ids.
+
+    The caller sends one task per returned id. The CAS on the lease owner makes sure two
+    workers reaping at once requeue a job only once.
+    """
+    now = utcnow()
+    requeued = []
+    for job in session.scalars(select(Job).where(Job.status == "running")).all():
+        if not lease_is_dead(job, now, lease_seconds):
+            continue
+        # A job cancelled while its worker was dying needs no new worker to say so.
+        new_status = "cancelled" if job.cancel_requested else "queued"
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == "running",
+                              Job.lease_owner == job.lease_owner)
+            .values(status=new_status, lease_owner=None, lease_host=None, lease_pid=None,
+                    updated_at=now, finished_at=now if new_status == "cancelled" else None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1 and new_status == "cancelled":
+            add_event(session, job.id, {"type": "status", "status": "cancelled",
+                                        "message": f"worker {job.lease_owner} stopped; "
+                                        "cancelled as requested"}, attempt=job.attempts)
+        elif result.rowcount == 1:
+            resume = (f"resumes from the checkpoint at step {job.checkpoint_step}"
+                      if job.checkpoint_step else "restarts (no checkpoint yet)")
+            add_event(session, job.id, {
+                "type": "status", "status": "queued",
+                "message": f"worker {job.lease_owner} stopped; requeued, {resume}",
+            }, attempt=job.attempts)
+            requeued.append(job.id)
+    return requeued
