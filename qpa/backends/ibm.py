@@ -115,8 +115,11 @@ def _credentials() -> dict[str, Any] | None:
     if not saved:
         return None
     kwargs = {"filename": str(path)}
+    # The environment may still pick the channel or instance of the saved account.
     if channel := os.environ.get("QISKIT_IBM_CHANNEL"):
         kwargs["channel"] = channel
+    if instance := os.environ.get("QISKIT_IBM_INSTANCE"):
+        kwargs["instance"] = instance
     return kwargs
 
 
