@@ -1,0 +1,132 @@
+"""Injection of compound adapters into a model, and the ``compound`` method the trainer uses.
+
+Target modules are matched with PEFT's rule for a list of names (a module matches a target
+when its full name equals it or ends with ``"." + target``), so the exported adapter's
+``target_modules`` select exactly the modules trained here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qpa.config import CompoundOptions, JobConfig
+from qpa.errors import ConfigError
+from qpa.methods.base import AdapterMethod
+from qpa.methods.compound.layer import SUPPORTED_LAYERS, CompoundLinear, layer_widths
+from qpa.methods.compound.minors import plan_layout
+
+
+def matches_target(name: str, targets: list[str]) -> bool:
+    """PEFT's list matching: exact name or a ``.``-separated suffix."""
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def inject_compound_adapters(model: nn.Module, target_modules: list[str],
+                             options: CompoundOptions) -> dict[str, CompoundLinear]:
+    """Replace every targeted Linear/Conv1D of ``model`` (in place) by a ``CompoundLinear``.
+
+    Raises ConfigError naming ``lora.target_modules`` when nothing matches or a match has an
+    unsupported type, and ``compound.blocks`` when the blocks do not fit a module's width.
+    """
+    found: list[tuple[str, nn.Module]] = [
+        (name, module) for name, module in model.named_modules()
+        if name and matches_target(name, target_modules) and not isinstance(module, CompoundLinear)
+    ]
+    if not found:
+        raise ConfigError(
+            "lora.target_modules",
+            f"no module of the model matches {target_modules}",
+        )
+    layers: dict[str, CompoundLinear] = {}
+    for name, module in found:
+        if not isinstance(module, SUPPORTED_LAYERS):
+            raise ConfigError(
+                "lora.target_modules",
+                f"{name} is a {type(module).__name__}; compound adapters support nn.Linear "
+                "and GPT-2's Conv1D",
+            )
+        in_features, _ = layer_widths(module)
+        try:
+            layout = plan_layout(in_features, options.blocks, tuple(options.orders))
+        except ValueError as error:
+            raise ConfigError("compound.blocks", f"{name}: {error}") from None
+        wrapped = CompoundLinear(module, layout, options)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, wrapped)
+        layers[name] = wrapped
+    return layers
+
+
+class CompoundMethod(AdapterMethod):
+    """Quantum-inspired compound adapters (Coyle & Raj 2025) as ``method: compound``."""
+
+    name = "compound"
+
+    def __init__(self, config: JobConfig, target_modules: list[str]):
+        super().__init__(config, target_modules)
+        self.options = config.compound
+        self.layers: dict[str, CompoundLinear] = {}
+
+    def attach(self, base_model: nn.Module) -> nn.Module:
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self.layers = inject_compound_adapters(base_model, self.target_modules, self.options)
+        self.model = base_model
+        return base_model
+
+    def trainable_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        return {name: layer.compound for name, layer in self.layers.items()}
+
+    def export_adapter(self, directory: Path) -> dict[str, Any]:
+        from qpa.methods.compound.export import export_compound_adapter
+
+        if self.model is None:
+            raise RuntimeError("attach() the method to a model before exporting")
+        return export_compound_adapter(self.model, self.layers, Path(directory))
+
+    def parameter_report(self) -> dict[str, Any]:
+        return compound_parameter_report(self.layers, self.config.lora.r)
+
+    def unitaries(self, module_name: str) -> torch.Tensor:
+        """The trained U matrices of one module: (num_adapters, num_unitaries, n, n)."""
+        with torch.no_grad():
+            return self.layers[module_name].compound.unitaries().detach().clone()
+
+
+def compound_parameter_report(layers: dict[str, CompoundLinear], lora_rank: int) -> dict[str, Any]:
+    """Trainable parameters against plain LoRA (same targets, ``lora_rank``) and PEFT OFT.
+
+    The OFT equivalent is PEFT's OFT with the same block size and block sharing: r blocks of
+    b(b-1)/2 skew-symmetric coordinates (one block's worth under ``block_share``), which is
+    what ``peft`` reports as trainable for ``OFTConfig(r=blocks, block_share=...)``.
+    """
+    trainable = lora_equivalent = oft_equivalent = 0
+    block_sizes: set[int] = set()
+    ns: set[int] = set()
+    for layer in layers.values():
+        adapter = layer.compound
+        layout = adapter.layout
+        in_features, out_features = layer_widths(layer.base_layer)
+        trainable += adapter.weight.numel()
+        lora_equivalent += lora_rank * (in_features + out_features)
+        oft_equivalent += adapter.num_unitaries * layout.block_size * (layout.block_size - 1) // 2
+        block_sizes.add(layout.block_size)
+        ns.add(layout.n)
+    return {
+        "trainable_params": trainable,
+        "lora_equivalent_params": lora_equivalent,
+        "lora_rank": lora_rank,
+        "oft_equivalent_params": oft_equivalent,
+        "ratio_to_lora": trainable / lora_equivalent if lora_equivalent else None,
+        "ratio_to_oft": trainable / oft_equivalent if oft_equivalent else None,
+        "lora_compression": lora_equivalent / trainable if trainable else None,
+        "oft_compression": oft_equivalent / trainable if trainable else None,
+        "adapted_modules": len(layers),
+        "block_sizes": sorted(block_sizes),
+        "n": sorted(ns),
+    }
