@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m qpa.datasets examples/data 400 48
 	$(BIN)/qpa finetune examples/quickstart.yaml
 
 test: $(STAMP)

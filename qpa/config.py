@@ -45,7 +45,9 @@ class LoraOptions(_Section):
 class QpaOptions(_Section):
     """Quantum Parameter Adaptation: a circuit plus a mapping MLP generate the LoRA weights."""
 
-    chunk_size: Annotated[int, Field(ge=1, le=65536, description="Values per generated chunk.")] = 64
+    chunk_size: Annotated[
+        int, Field(ge=1, le=65536, description="Values per generated chunk.")
+    ] = 64
     depth: Annotated[int, Field(ge=1, le=200, description="Ansatz layers (RY + entangler).")] = 8
     ansatz: Literal["ry_cnot", "rbs"] = Field(
         default="ry_cnot",

@@ -63,7 +63,10 @@ class ShiftRule:
 
 
 def shift_rule_for(circuit: QuantumCircuit) -> ShiftRule:
-    names = {instruction.operation.name for instruction in circuit.data if instruction.operation.params}
+    names = {
+        instruction.operation.name for instruction in circuit.data
+        if instruction.operation.params
+    }
     return ShiftRule(2 if "rbs" in names else 1)
 
 

@@ -70,8 +70,11 @@ class AdapterMethod(ABC):
     def before_forward(self, step: int) -> None:
         """Called before each training forward pass (QPA refreshes circuit outputs here)."""
 
-    def before_optimizer_step(self, step: int, window_end: bool) -> None:
-        """Called after backward, before ``optimizer.step()``."""
+    def before_optimizer_step(self, step: int, last_step: bool) -> None:
+        """Called after backward, before gradient clipping and ``optimizer.step()``."""
+
+    def before_eval(self) -> None:
+        """Called before evaluation, generation and export: make the weights current."""
 
     def extra_state(self) -> dict[str, Any]:
         """Non-parameter state to checkpoint (e.g. QPA's accumulated circuit gradient)."""

@@ -1,0 +1,175 @@
+"""JSONL training data: validation (line by line), tokenisation and deterministic batching.
+
+A record is one of ``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` (loss on the
+completion only) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with
+the tokenizer's chat template; loss on the final assistant message).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qpa.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+def _check_record(record: object, where: str, field: str) -> dict:
+    if not isinstance(record, dict):
+        raise ConfigError(field, f"{where}: each line must be a JSON object")
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"].strip():
+            raise ConfigError(field, f"{where}: 'text' must be a non-empty string")
+    elif "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise ConfigError(field, f"{where}: '{key}' must be a string")
+        if not record["completion"]:
+            raise ConfigError(field, f"{where}: 'completion' must not be empty")
+    elif "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ConfigError(field, f"{where}: 'messages' must be a non-empty list")
+        for position, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise ConfigError(
+                    field, f"{where}: messages[{position}] needs string 'role' and 'content'"
+                )
+    else:
+        raise ConfigError(
+            field, f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' record"
+        )
+    return record
+
+
+def iter_jsonl(path: str | Path, field: str = "train_file") -> Iterator[dict]:
+    """Yield validated records; the error names the file, line and problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, f"file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(field, f"line {number}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(field, f"line {number}: invalid JSON ({error.msg})") from None
+            yield _check_record(record, f"line {number}", field)
+
+
+def read_jsonl(path: str | Path, field: str = "train_file") -> list[dict]:
+    records = list(iter_jsonl(path, field))
+    if not records:
+        raise ConfigError(field, f"{path} contains no records")
+    return records
+
+
+def validate_jsonl(path: str | Path, field: str = "train_file") -> int:
+    """Validate a whole file without keeping it; return the number of records."""
+    count = sum(1 for _ in iter_jsonl(path, field))
+    if count == 0:
+        raise ConfigError(field, f"{path} contains no records")
+    return count
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _encode(tokenizer, record: dict, max_length: int, field: str) -> list[Example]:
+    if "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        # Long documents become several windows so no text is thrown away.
+        return [Example(ids[i : i + max_length], ids[i : i + max_length])
+                for i in range(0, max(len(ids) - 1, 1), max_length) if len(ids[i:]) > 1]
+    if "messages" in record:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(field, "'messages' records need a base model with a chat template")
+        messages = record["messages"]
+        prompt_messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            prompt_messages, tokenize=False, add_generation_prompt=prompt_messages is not messages
+        ) if prompt_messages is not messages else ""
+        completion = full[len(prompt):] if full.startswith(prompt) else full
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return []
+    return [Example(ids, labels)]
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int,
+                     field: str = "train_file") -> list[Example]:
+    examples = [ex for record in records for ex in _encode(tokenizer, record, max_length, field)]
+    if not examples:
+        raise ConfigError(field, "no record left a trainable token after tokenisation")
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        input_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
+        labels[row, : len(ex.labels)] = torch.tensor(ex.labels)
+        attention[row, : len(ex.input_ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+class StepBatches:
+    """Batch for step s is a pure function of (seed, s): a resumed job sees the same data."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        chosen = []
+        for offset in range(self.batch_size):
+            position = step * self.batch_size + offset
+            epoch, index = divmod(position, len(self.examples))
+            chosen.append(self.examples[self._order(epoch)[index]])
+        return collate(chosen, self.pad_id)
+
+
+def fixed_batches(examples: list[Example], batch_size: int, max_batches: int,
+                  pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The same evaluation batches every time (first examples in file order)."""
+    limit = min(len(examples), batch_size * max_batches)
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, limit, batch_size)]

@@ -1,0 +1,119 @@
+"""The job's output folder: adapter (stock PEFT), model card, metrics.json, state/."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpa.config import JobConfig
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file + rename so a killed process never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_checkpoint(state_dir: Path, payload: dict[str, Any], config: JobConfig) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(state_dir / "config.json", config.model_dump(mode="json"))
+    handle, temporary = tempfile.mkstemp(prefix=".checkpoint.", dir=state_dir)
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, state_dir / CHECKPOINT)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "—" if value is None else str(value)
+
+
+def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str, Any]) -> str:
+    """README.md for the adapter folder: what it is, how it was made, how to load it."""
+    params = metrics
+    quantum = metrics.get("quantum")
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {metrics['base_model_path']}",
+        "tags: [qpa, peft, " + config.method + "]",
+        "---",
+        f"# {config.method.upper()} adapter for `{config.base_model}`",
+        "",
+        f"Produced by QPA {metrics['qpa_version']} ({config.method}, backend `{config.backend}`). "
+        f"It is a stock PEFT **{export_info.get('peft_type', '?')}** adapter: inference needs "
+        "only `transformers` and `peft`, no quantum software.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from peft import PeftModel",
+        f"base = AutoModelForCausalLM.from_pretrained({metrics['base_model_path']!r})",
+        "model = PeftModel.from_pretrained(base, 'path/to/adapter')",
+        "```",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | {config.method} |",
+        f"| target modules | {', '.join(metrics['target_modules'])} |",
+        f"| steps | {metrics['steps']} |",
+        f"| trainable parameters | {params['trainable_params']:,} |",
+        f"| plain LoRA (r={config.lora.r}) parameters | {params['lora_equivalent_params']:,} |",
+        f"| ratio to LoRA | {params['ratio_to_lora']:.2%} |",
+    ]
+    if "oft_equivalent_params" in params:
+        lines.append(
+            f"| PEFT OFT (same block size) parameters | {params['oft_equivalent_params']:,} |"
+        )
+    lines += [
+        f"| eval loss before → after | {_fmt(metrics['eval_loss_before'])} → "
+        f"{_fmt(metrics['eval_loss_after'])} |",
+        f"| wall time | {metrics['wall_seconds']:.1f} s |",
+    ]
+    if quantum:
+        lines += [
+            "",
+            "## Quantum usage",
+            "",
+            f"Backend `{quantum['backend']}`, {quantum['num_qubits']} qubits, depth "
+            f"{quantum['depth']}, circuit evaluated once per {quantum['update_every']} step(s): "
+            f"{quantum['jobs']} primitive jobs, {quantum['circuits']} circuits, "
+            f"{quantum['shots']} shots, {quantum['seconds']:.2f} s.",
+        ]
+    notes = export_info.get("notes")
+    if notes:
+        lines += ["", "## Export notes", "", *([notes] if isinstance(notes, str) else notes)]
+    return "\n".join(lines) + "\n"

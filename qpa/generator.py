@@ -1,0 +1,204 @@
+"""The QPA parameter generator: circuits' output distributions -> mapping MLP -> LoRA values.
+
+For M values split into chunks of ``chunk_size``, each of G sub-generators owns an equal
+share of the chunks and a circuit of n = ceil(log2(chunks per sub-generator)) qubits.
+Chunk j of a sub-generator is tied to basis state j (a fixed, deterministic assignment;
+the authors' code re-draws it at random on every call). The mapping MLP reads
+(bits of basis state j as +-1, standardised p_j) and writes the chunk's values.
+
+Amortised quantum calls: the circuit and its gradient are evaluated once per window of
+``update_every`` steps. In between, p is held fixed as a leaf tensor so the MLP trains
+every step while dL/dp accumulates on that leaf; at the window's end the accumulated
+gradient is pulled back through the circuit into the angles (autograd for the
+statevector backend, the parameter-shift Jacobian from the same job for the others).
+With ``update_every=1`` this is exactly joint training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from qpa.backends.base import QuantumBackend, jacobian_from_shifts, shift_rule_for, shifted_bindings
+from qpa.circuits import build_ansatz, support_size
+from qpa.errors import QuantumBudgetExceeded
+
+
+def hamming_weight_states(num_qubits: int, weight: int) -> np.ndarray:
+    """Basis indices of the given Hamming weight, ascending."""
+    indices = np.arange(2**num_qubits)
+    counts = np.array([bin(int(i)).count("1") for i in indices])
+    return indices[counts == weight]
+
+
+def plan_qubits(
+    num_values: int, chunk_size: int, sub_generators: int, ansatz: str
+) -> tuple[int, int]:
+    """(chunks per sub-generator, qubits per circuit) for a generator of ``num_values``."""
+    chunks = math.ceil(num_values / chunk_size)
+    per_sub = math.ceil(chunks / sub_generators)
+    num_qubits = max(1, math.ceil(math.log2(max(per_sub, 1))))
+    if ansatz == "rbs":
+        num_qubits = max(num_qubits, 2)
+        while support_size("rbs", num_qubits) < per_sub:
+            num_qubits += 1
+    return per_sub, num_qubits
+
+
+class MappingMLP(nn.Module):
+    """(n bits as +-1, standardised p) -> chunk values. The last layer starts at zero so
+    the generated values, and hence the LoRA update, are zero at step 0."""
+
+    def __init__(self, num_qubits: int, hidden: list[int], chunk_size: int):
+        super().__init__()
+        widths = [num_qubits + 1, *hidden]
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], chunk_size)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(features))
+
+
+class QPAGenerator(nn.Module):
+    """Generates ``num_values`` numbers from G (circuit, MLP) pairs."""
+
+    def __init__(self, num_values: int, *, chunk_size: int, depth: int, ansatz: str,
+                 mlp_hidden: list[int], sub_generators: int, seed: int = 0):
+        super().__init__()
+        self.num_values = num_values
+        self.chunk_size = chunk_size
+        self.chunks_per_sub, self.num_qubits = plan_qubits(
+            num_values, chunk_size, sub_generators, ansatz
+        )
+        self.num_subs = sub_generators
+        self.circuit = build_ansatz(ansatz, self.num_qubits, depth)
+        generator = torch.Generator().manual_seed(seed)
+        # Angles uniform in [0, 2pi): a spread-out p, so every chunk gets a distinct input.
+        self.theta = nn.Parameter(
+            torch.rand(sub_generators, self.circuit.num_parameters, generator=generator,
+                       dtype=torch.float64) * 2 * math.pi
+        )
+        self.mlps = nn.ModuleList(
+            MappingMLP(self.num_qubits, mlp_hidden, chunk_size) for _ in range(sub_generators)
+        )
+        if ansatz == "rbs":
+            states = hamming_weight_states(self.num_qubits, self.num_qubits // 2)
+        else:
+            states = np.arange(2**self.num_qubits)
+        states = states[: self.chunks_per_sub]
+        bits = ((states[:, None] >> np.arange(self.num_qubits)[None, :]) & 1).astype(np.float32)
+        self.register_buffer("state_index", torch.as_tensor(states, dtype=torch.long))
+        self.register_buffer("state_bits", torch.as_tensor(1 - 2 * bits))
+        self.backend: QuantumBackend | None = None
+        self.max_seconds: float | None = None
+        self._p_leaf: torch.Tensor | None = None
+        self._p_graph: torch.Tensor | None = None
+        self._jacobian: torch.Tensor | None = None
+        self._fresh = False
+
+    # -- accounting ------------------------------------------------------------------
+    @property
+    def angle_count(self) -> int:
+        return self.theta.numel()
+
+    @property
+    def mlp_count(self) -> int:
+        return sum(p.numel() for p in self.mlps.parameters())
+
+    # -- quantum side ----------------------------------------------------------------
+    def attach_backend(self, backend: QuantumBackend, max_seconds: float | None = None) -> None:
+        self.backend = backend
+        self.max_seconds = max_seconds
+
+    @property
+    def has_window(self) -> bool:
+        """True when p is current for theta and can carry gradient back to the angles."""
+        return self._fresh and (self._p_graph is not None or self._jacobian is not None)
+
+    def refresh(self, with_gradient: bool) -> None:
+        """Evaluate p(theta) for every sub-generator in one backend call."""
+        if self.backend is None:
+            raise RuntimeError("attach a backend before generating")
+        carried = self._p_leaf.grad if self._p_leaf is not None else None
+        self._p_graph = self._jacobian = None
+        if self.backend.autograd_native:
+            with torch.set_grad_enabled(with_gradient):
+                probs = self.backend.probabilities(self.theta)
+            if with_gradient:
+                self._p_graph = probs
+        else:
+            thetas = self.theta.detach().cpu().numpy()
+            if with_gradient:
+                rule = shift_rule_for(self.circuit)
+                bindings = np.concatenate([shifted_bindings(t, rule) for t in thetas])
+                values = self.backend.evaluate(bindings)
+                values = values.reshape(len(thetas), -1, 2**self.num_qubits)
+                probs = torch.as_tensor(values[:, 0], dtype=torch.float64)
+                jacobians = np.stack([jacobian_from_shifts(v, rule) for v in values])
+                self._jacobian = torch.as_tensor(jacobians, dtype=torch.float64)
+            else:
+                probs = torch.as_tensor(self.backend.evaluate(thetas), dtype=torch.float64)
+        self._p_leaf = probs.detach().to(self.theta.device).requires_grad_(with_gradient)
+        if carried is not None and with_gradient:
+            self._p_leaf.grad = carried.to(self._p_leaf.device)
+        self._fresh = True
+        if self.max_seconds is not None and self.backend.usage.seconds > self.max_seconds:
+            raise QuantumBudgetExceeded(
+                f"quantum time {self.backend.usage.seconds:.1f}s exceeds quantum.max_seconds="
+                f"{self.max_seconds}"
+            )
+
+    def push_angle_gradient(self) -> bool:
+        """Pull the dL/dp accumulated over the window back into theta.grad.
+
+        Returns True when the angles received a gradient (they will change at the next
+        optimizer step, so p must be re-evaluated before it is used again).
+        """
+        if self._p_leaf is None or self._p_leaf.grad is None:
+            return False
+        grad_p = self._p_leaf.grad
+        if self._p_graph is not None:
+            (grad_theta,) = torch.autograd.grad(self._p_graph, self.theta, grad_p)
+        elif self._jacobian is not None:
+            grad_theta = torch.einsum("gsp,gs->gp", self._jacobian.to(grad_p.device), grad_p)
+        else:
+            return False
+        self.theta.grad = grad_theta if self.theta.grad is None else self.theta.grad + grad_theta
+        self._p_leaf.grad = None
+        self._p_graph = self._jacobian = None
+        self._fresh = False
+        return True
+
+    def accumulated_gradient(self) -> torch.Tensor | None:
+        """dL/dp gathered so far in the current window (checkpointed mid-window)."""
+        return None if self._p_leaf is None else self._p_leaf.grad
+
+    def restore_accumulated_gradient(self, grad: torch.Tensor) -> None:
+        """After a resume: p was re-evaluated at the same theta; put the window's dL/dp back."""
+        if self._p_leaf is None or not self._p_leaf.requires_grad:
+            raise RuntimeError("refresh(with_gradient=True) before restoring a window")
+        self._p_leaf.grad = grad.to(self._p_leaf.device, self._p_leaf.dtype)
+
+    # -- classical side ----------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        """All generated values, shape (num_values,). Uses the held p."""
+        if self._p_leaf is None:
+            raise RuntimeError("call refresh() before generating")
+        probs = self._p_leaf[:, self.state_index].to(self.state_bits.dtype)
+        # p_j ~ 1/2^n is tiny and shrinks with n: standardise it so the MLP sees O(1) inputs.
+        mean = probs.mean(dim=1, keepdim=True)
+        std = probs.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
+        scaled = (probs - mean) / std
+        outputs = []
+        for sub, mlp in enumerate(self.mlps):
+            features = torch.cat([self.state_bits, scaled[sub].unsqueeze(1)], dim=1)
+            outputs.append(mlp(features).reshape(-1))
+        return torch.cat(outputs)[: self.num_values]

@@ -1,0 +1,175 @@
+"""QPA: PEFT LoRA layers whose A and B are written by the quantum parameter generator.
+
+The LoRA layers are stock PEFT. Each lora_A / lora_B weight gets a torch parametrisation
+that reads its slice of the generator's output: W = W_init + generated. PEFT initialises
+B to zero and the generator's last layer starts at zero, so W_B = 0 and the adapted model
+equals the base model at step 0, exactly as in LoRA. At export the generated values are
+materialised into the weights and PEFT saves an ordinary LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qpa.backends import check_width, make_backend
+from qpa.generator import QPAGenerator
+from qpa.methods.base import AdapterMethod
+from qpa.methods.lora import lora_config
+
+ADAPTER = "default"
+
+
+class _GeneratedSlice(nn.Module):
+    """Parametrisation: weight = frozen initial weight + a slice of the generated values."""
+
+    def __init__(self, owner: QPAMethod, offset: int, shape: torch.Size):
+        super().__init__()
+        # A plain attribute, not a submodule: the owner is not part of the model tree.
+        object.__setattr__(self, "owner", owner)
+        self.offset = offset
+        self.shape = shape
+        self.size = math.prod(shape)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        values = self.owner.current[self.offset : self.offset + self.size]
+        return original + values.view(self.shape).to(original.dtype)
+
+
+class QPAMethod(AdapterMethod):
+    """Quantum Parameter Adaptation (Liu et al., ICLR 2025) on PEFT LoRA layers."""
+
+    name = "qpa"
+
+    def attach(self, base_model: nn.Module) -> nn.Module:
+        options = self.config.qpa
+        self.model = get_peft_model(
+            base_model, lora_config(self.config, self.target_modules, base_model)
+        )
+        self.weights: list[tuple[str, nn.Module]] = []
+        for name, module in self.model.named_modules():
+            if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+                self.weights.append((f"{name}.lora_A", module.lora_A[ADAPTER]))
+                self.weights.append((f"{name}.lora_B", module.lora_B[ADAPTER]))
+        num_values = sum(layer.weight.numel() for _, layer in self.weights)
+        self.generator = QPAGenerator(
+            num_values,
+            chunk_size=options.chunk_size,
+            depth=options.depth,
+            ansatz=options.ansatz,
+            mlp_hidden=options.mlp_hidden,
+            sub_generators=options.sub_generators,
+            seed=self.config.train.seed,
+        )
+        device = next(base_model.parameters()).device
+        self.generator.to(device)
+        # Width and credentials are checked here, before any training step.
+        check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
+        self.backend = make_backend(
+            self.config.backend, self.generator.circuit, self.config.quantum, device=str(device)
+        )
+        self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
+        self.current = torch.zeros(num_values, device=device)
+        offset = 0
+        for _, layer in self.weights:
+            layer.weight.requires_grad_(False)
+            parametrize.register_parametrization(
+                layer, "weight", _GeneratedSlice(self, offset, layer.weight.shape)
+            )
+            offset += layer.weight.numel()
+        # PEFT's random A (B is zero): kept so a resumed job rebuilds the same weights.
+        self.initial_weights = {
+            name: layer.parametrizations.weight.original.detach().cpu().clone()
+            for name, layer in self.weights
+        }
+        self._pending_grad: torch.Tensor | None = None
+        return self.model
+
+    def trainable_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        return {"generator": self.generator}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        angle_lr = self.config.qpa.angle_lr or lr
+        return [
+            {"params": list(self.generator.mlps.parameters()), "lr": lr},
+            {"params": [self.generator.theta], "lr": angle_lr, "weight_decay": 0.0},
+        ]
+
+    # -- training-loop hooks ------------------------------------------------------------
+    def before_forward(self, step: int) -> None:
+        if not self.generator.has_window:
+            self.generator.refresh(with_gradient=True)
+            if self._pending_grad is not None:
+                self.generator.restore_accumulated_gradient(self._pending_grad)
+                self._pending_grad = None
+        self.current = self.generator()
+
+    def before_optimizer_step(self, step: int, last_step: bool) -> None:
+        if (step + 1) % self.config.qpa.update_every == 0 or last_step:
+            self.generator.push_angle_gradient()
+
+    def before_eval(self) -> None:
+        if not self.generator._fresh:
+            self.generator.refresh(with_gradient=False)
+        with torch.no_grad():
+            self.current = self.generator().detach()
+
+    def extra_state(self) -> dict[str, Any]:
+        grad = self.generator.accumulated_gradient()
+        return {
+            "accumulated_grad_p": None if grad is None else grad.detach().cpu(),
+            "initial_weights": self.initial_weights,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.initial_weights = state["initial_weights"]
+        with torch.no_grad():
+            for name, layer in self.weights:
+                layer.parametrizations.weight.original.copy_(self.initial_weights[name])
+        self._pending_grad = state.get("accumulated_grad_p")
+        self.generator._fresh = False
+
+    # -- results ----------------------------------------------------------------------
+    def export_adapter(self, directory: Path) -> dict[str, Any]:
+        self.before_eval()
+        for _, layer in self.weights:
+            if parametrize.is_parametrized(layer, "weight"):
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        self.model.save_pretrained(directory)
+        return {"peft_type": "LORA", "exact": True}
+
+    def parameter_report(self) -> dict[str, Any]:
+        trainable = self.generator.angle_count + self.generator.mlp_count
+        lora_equivalent = self.generator.num_values
+        return {
+            "trainable_params": trainable,
+            "lora_equivalent_params": lora_equivalent,
+            "ratio_to_lora": trainable / lora_equivalent,
+            "circuit_angles": self.generator.angle_count,
+            "mapping_mlp_params": self.generator.mlp_count,
+            "num_qubits": self.generator.num_qubits,
+            "sub_generators": self.generator.num_subs,
+            "chunks": math.ceil(lora_equivalent / self.config.qpa.chunk_size),
+        }
+
+    def quantum_report(self) -> dict[str, Any]:
+        usage = self.backend.usage.as_dict()
+        usage.update(
+            backend=self.config.backend,
+            num_qubits=self.generator.num_qubits,
+            depth=self.config.qpa.depth,
+            ansatz=self.config.qpa.ansatz,
+            update_every=self.config.qpa.update_every,
+        )
+        return usage
+
+    def close(self) -> None:
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()

