@@ -68,7 +68,11 @@ class ArtifactStore:
                             f"file is larger than the {max_bytes}-byte upload limit"
                         )
                     out.write(chunk)
-            records = validate_jsonl(tmp)
+            try:
+                records = validate_jsonl(tmp)
+            except ConfigError as error:
+                # The client knows its file by its own name, not our temporary one.
+                raise ConfigError("file", error.reason.replace(str(tmp), "the file")) from None
             tmp.replace(target)
             return size, records
         finally:
@@ -103,7 +107,7 @@ def validate_jsonl(path: str | Path) -> int:
         from qpa.data import validate_jsonl as library_validate
     except ImportError:
         return _validate_jsonl_fallback(Path(path))
-    return library_validate(path)
+    return library_validate(path, field="file")
 
 
 def _validate_jsonl_fallback(path: Path) -> int:

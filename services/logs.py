@@ -47,6 +47,9 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries that log every request or transpiler pass at INFO drown the job lines.
+    for noisy in ("httpx", "httpcore", "qiskit", "qiskit_ibm_runtime", "stevedore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 class JobLogger(logging.LoggerAdapter):

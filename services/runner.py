@@ -157,10 +157,13 @@ class _JobRun:
             for field in ("jobs", "circuits", "shots", "seconds"):
                 if quantum.get(field) is not None:
                     values[f"quantum_{field}"] = quantum[field]
-            if self._last_step_at is not None:
-                # The first step of an attempt also pays model loading: not a step time.
-                values["step_seconds_total"] = store.Job.step_seconds_total + (
-                    now - self._last_step_at)
+            # The trainer times its steps; without that, time between step events (the
+            # first step of an attempt also pays model loading, so it is not counted).
+            seconds = event.get("step_seconds")
+            if seconds is None and self._last_step_at is not None:
+                seconds = now - self._last_step_at
+            if seconds is not None:
+                values["step_seconds_total"] = store.Job.step_seconds_total + float(seconds)
                 values["steps_run"] = store.Job.steps_run + 1
             self._last_step_at = now
         elif kind == "eval" and event.get("eval_loss") is not None:

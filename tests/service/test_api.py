@@ -1,0 +1,164 @@
+"""The REST contract over real HTTP: auth, 4xx errors with a detail naming the problem
+(never 5xx), cross-key isolation, backends, health, metrics, docs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import ServiceStack, job_config
+
+
+@pytest.fixture(scope="module")
+def http(stack: ServiceStack, api_key: str) -> httpx.Client:
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def train_id(http: httpx.Client, data_files: tuple[Path, Path]) -> str:
+    with data_files[0].open("rb") as handle:
+        response = http.post("/v1/files", files={"file": ("train.jsonl", handle)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _error(response: httpx.Response, status: int, *words: str) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    for word in words:
+        assert word in detail, (word, detail)
+    return detail
+
+
+def test_health_and_docs_need_no_key(stack: ServiceStack) -> None:
+    health = httpx.get(f"{stack.url}/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert httpx.get(f"{stack.url}/docs").status_code == 200
+    paths = httpx.get(f"{stack.url}/openapi.json").json()["paths"]
+    for path in ("/v1/files", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
+                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter", "/v1/backends"):
+        assert path in paths
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer qpa_not-a-key"},
+                                     {"Authorization": "Basic abc"}])
+def test_calls_need_a_valid_key(stack: ServiceStack, headers: dict[str, str]) -> None:
+    for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/backends"), ("GET", "/metrics"),
+                         ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job-x")]:
+        response = httpx.request(method, f"{stack.url}{path}", headers=headers)
+        _error(response, 401, "key")
+
+
+def test_upload_errors(http: httpx.Client) -> None:
+    bad = b'{"text": "fine"}\n{"text": 3}\n'
+    _error(http.post("/v1/files", files={"file": ("bad.jsonl", bad)}), 422, "line 2")
+    garbage = b'{"text": "fine"}\nnot json at all\n'
+    _error(http.post("/v1/files", files={"file": ("g.jsonl", garbage)}), 422, "line 2", "JSON")
+    _error(http.post("/v1/files", files={"data": ("x.jsonl", b'{"text": "a"}\n')}), 422, "file")
+    big = (json.dumps({"text": "x" * 1000}) + "\n").encode() * 300  # 300 kB > 200 kB limit
+    _error(http.post("/v1/files", files={"file": ("big.jsonl", big)}), 413, "limit")
+    huge = big * 5  # over the whole-request limit too
+    assert http.post("/v1/files", files={"file": ("huge.jsonl", huge)}).status_code == 413
+
+
+def test_job_body_errors(http: httpx.Client, train_id: str, tiny_llama_dir: Path) -> None:
+    good = job_config(tiny_llama_dir, train_id)
+    malformed = http.post("/v1/jobs", content=b'{"method": "qpa",',
+                          headers={"Content-Type": "application/json"})
+    _error(malformed, 422, "JSON")
+    _error(http.post("/v1/jobs", json=[1, 2]), 422)
+    _error(http.post("/v1/jobs", json={**good, "steps": "many"}), 422, "steps")
+    _error(http.post("/v1/jobs", json={**good, "stepz": 3}), 422, "stepz")
+    _error(http.post("/v1/jobs", json={**good, "train": {"lr": -1}}), 422, "train.lr")
+    _error(http.post("/v1/jobs", json={**good, "backend": "quantum-magic"}), 422, "backend")
+    _error(http.post("/v1/jobs", json={**good, "backend": "ibm-fake:FakeNothing"}), 422,
+           "backend")
+    # Valid names this server does not allow (QPA_ALLOWED_BACKENDS).
+    _error(http.post("/v1/jobs", json={**good, "backend": "aer"}), 422, "not allowed")
+    _error(http.post("/v1/jobs", json={**good, "backend": "ibm:ibm_fez"}), 422, "backend")
+    without_file = {key: value for key, value in good.items() if key != "train_file"}
+    _error(http.post("/v1/jobs", json=without_file), 422, "train_file")
+    _error(http.post("/v1/jobs", json={**good, "train_file": "file-nope"}), 404, "train_file")
+    _error(http.post("/v1/jobs", json={**good, "eval_file": "file-nope"}), 404, "eval_file")
+
+
+def test_unknown_ids_are_404(http: httpx.Client) -> None:
+    for method, path in [("GET", "/v1/jobs/job-nope"), ("POST", "/v1/jobs/job-nope/cancel"),
+                         ("GET", "/v1/jobs/job-nope/events"),
+                         ("GET", "/v1/jobs/job-nope/events?stream=true"),
+                         ("GET", "/v1/jobs/job-nope/adapter"), ("GET", "/v1/files/file-nope"),
+                         ("GET", "/v1/jobs?after=job-nope")]:
+        _error(http.request(method, path), 404, "nope")
+    _error(http.get("/v1/jobs", params={"limit": 0}), 422, "limit")
+    _error(http.get("/v1/jobs", params={"status": "sleeping"}), 422, "status")
+    _error(http.get("/v1/jobs/job-nope/events", params={"after": "x"}), 422, "after")
+
+
+def test_another_key_sees_nothing(stack: ServiceStack, http: httpx.Client, train_id: str,
+                                  tiny_llama_dir: Path) -> None:
+    created = http.post("/v1/jobs", json=job_config(tiny_llama_dir, train_id, steps=1))
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    mallory = {"Authorization": f"Bearer {stack.new_key('mallory')}"}
+    with httpx.Client(base_url=stack.url, headers=mallory, timeout=30) as other:
+        for method, path in [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
+                             ("GET", f"/v1/jobs/{job_id}/events"),
+                             ("GET", f"/v1/jobs/{job_id}/adapter"),
+                             ("GET", f"/v1/files/{train_id}")]:
+            _error(other.request(method, path), 404)
+        # Using someone else's upload is as if it did not exist.
+        _error(other.post("/v1/jobs", json=job_config(tiny_llama_dir, train_id)), 404,
+               "train_file")
+        assert other.get("/v1/jobs").json()["data"] == []
+        assert other.get("/v1/files").json()["data"] == []
+    assert http.get(f"/v1/jobs/{job_id}").json()["status"] in (
+        "queued", "running", "succeeded")
+    assert any(item["id"] == train_id for item in http.get("/v1/files").json()["data"])
+
+
+def test_job_list_pages(http: httpx.Client, train_id: str, tiny_llama_dir: Path) -> None:
+    # Queued jobs are cancelled at once, so these never occupy the worker.
+    ids = []
+    for _ in range(3):
+        job = http.post("/v1/jobs", json=job_config(tiny_llama_dir, train_id, steps=1)).json()
+        http.post(f"/v1/jobs/{job['id']}/cancel")
+        ids.append(job["id"])
+    first = http.get("/v1/jobs", params={"limit": 2}).json()
+    assert [job["id"] for job in first["data"]] == ids[::-1][:2] and first["has_more"]
+    second = http.get("/v1/jobs", params={"limit": 2, "after": first["last_id"]}).json()
+    assert second["data"][0]["id"] == ids[0]
+    cancelled = http.get("/v1/jobs", params={"status": "cancelled", "limit": 100}).json()
+    assert set(ids) <= {job["id"] for job in cancelled["data"]}
+    events = http.get(f"/v1/jobs/{ids[0]}/events").json()
+    assert [event["data"]["status"] for event in events["data"]] == ["queued", "cancelled"]
+    page = http.get(f"/v1/jobs/{ids[0]}/events", params={"limit": 1}).json()
+    assert page["has_more"] and page["last_id"] == events["data"][0]["id"]
+    # The adapter of a job that did not succeed is a conflict, not a server error.
+    _error(http.get(f"/v1/jobs/{ids[0]}/adapter"), 409, "cancelled")
+
+
+def test_backends(http: httpx.Client) -> None:
+    listing = http.get("/v1/backends").json()
+    by_name = {item["name"]: item for item in listing["data"]}
+    assert listing["default"] == "statevector"
+    assert by_name["statevector"]["available"] and by_name["statevector"]["allowed"]
+    assert by_name["ibm-fake:FakeManilaV2"]["available"]
+    assert not by_name["aer"]["allowed"]
+    ibm = by_name["ibm:ibm_fez"]
+    assert ibm["kind"] == "ibm" and not ibm["available"] and ibm["reason"]
+
+
+def test_metrics(http: httpx.Client) -> None:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    text = response.text
+    for name in ("qpa_jobs{status=\"queued\"}", "qpa_job_queue_wait_seconds_bucket",
+                 "qpa_step_seconds_count", "qpa_http_requests_total"):
+        assert name in text, name

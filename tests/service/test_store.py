@@ -1,0 +1,170 @@
+"""The job store's lease rules, the upload validator and settings parsing (no servers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from qpa.errors import ConfigError
+from services import store
+from services.artifacts import ArtifactStore, UploadTooLarge
+from services.runner import _json_safe
+from services.settings import Settings
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> store.Store:
+    database = store.Store(f"sqlite:///{tmp_path / 'qpa.db'}")
+    yield database
+    database.dispose()
+
+
+def _job(db: store.Store) -> tuple[str, str]:
+    with db.session() as session:
+        key, _ = store.create_api_key(session, "t")
+        job = store.create_job(session, owner_id=key.id, config={
+            "method": "qpa", "backend": "statevector", "base_model": "m", "steps": 5})
+        return key.id, job.id
+
+
+def test_keys_are_stored_hashed(db: store.Store) -> None:
+    with db.session() as session:
+        row, plaintext = store.create_api_key(session, "alice")
+    assert plaintext.startswith("qpa_") and len(plaintext) > 40
+    assert row.key_hash != plaintext and plaintext not in row.key_hash
+    with db.session() as session:
+        assert store.find_api_key(session, plaintext).id == row.id
+        assert store.find_api_key(session, plaintext + "x") is None
+
+
+def test_only_one_worker_gets_the_lease(db: store.Store) -> None:
+    _, job_id = _job(db)
+    with db.session() as session:
+        assert store.acquire_lease(session, job_id, "a", lease_seconds=60) is not None
+    with db.session() as session:
+        # A redelivered duplicate while the holder (this live process) heartbeats: skipped.
+        assert store.acquire_lease(session, job_id, "b", lease_seconds=60) is None
+        assert store.renew_lease(session, job_id, "a")
+        assert not store.renew_lease(session, job_id, "b")
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == []
+
+
+def test_stale_heartbeat_requeues_and_lets_another_worker_take_over(db: store.Store) -> None:
+    _, job_id = _job(db)
+    with db.session() as session:
+        store.acquire_lease(session, job_id, "a", lease_seconds=60)
+        job = store.get_job(session, job_id)
+        job.heartbeat_at = store.utcnow() - timedelta(seconds=120)
+        job.lease_host = "another-machine"
+        job.checkpoint_step = 4
+    with db.session() as session:
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == [job_id]
+        # A second reaper racing the first finds nothing to do.
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == []
+        job = store.get_job(session, job_id)
+        assert job.status == "queued" and job.lease_owner is None
+        events, _ = store.list_events(session, job_id)
+        assert "resumes from the checkpoint at step 4" in events[-1].data["message"]
+    with db.session() as session:
+        job = store.acquire_lease(session, job_id, "b", lease_seconds=60)
+        assert job is not None and job.attempts == 2 and job.status == "running"
+    with db.session() as session:
+        # The old holder, back from a pause, can no longer write.
+        assert not store.update_leased_job(session, job_id, "a", step=1)
+        assert store.update_leased_job(session, job_id, "b", step=5)
+
+
+def test_lease_of_a_dead_process_on_this_host_is_dead_at_once(db: store.Store) -> None:
+    _, job_id = _job(db)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    with db.session() as session:
+        store.acquire_lease(session, job_id, "a", lease_seconds=60)
+        job = store.get_job(session, job_id)
+        job.lease_pid = int(finished.stdout)  # fresh heartbeat, but the process is gone
+    with db.session() as session:
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == [job_id]
+
+
+def test_cancel_of_queued_job_is_immediate(db: store.Store) -> None:
+    owner, job_id = _job(db)
+    with db.session() as session:
+        job = store.request_cancel(session, store.get_job(session, job_id, owner))
+        assert job.status == "cancelled" and job.cancel_requested
+    with db.session() as session:
+        assert store.acquire_lease(session, job_id, "a", lease_seconds=60) is None
+
+
+def test_jobs_are_private_and_paginated(db: store.Store) -> None:
+    owner, first = _job(db)
+    with db.session() as session:
+        other, _ = store.create_api_key(session, "other")
+        ids = [store.create_job(session, owner_id=owner, config={
+            "method": "qpa", "backend": "statevector", "base_model": "m", "steps": 1}).id
+            for _ in range(3)]
+    with db.session() as session:
+        assert store.get_job(session, first, other.id) is None
+        page, more = store.list_jobs(session, owner, limit=2)
+        assert [job.id for job in page] == [ids[2], ids[1]] and more
+        page, more = store.list_jobs(session, owner, limit=2, after=ids[1])
+        assert [job.id for job in page] == [ids[0], first] and not more
+        assert store.list_jobs(session, other.id, limit=2, after=ids[1]) is None
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"text": "a"}\n{"text": "b"\n', "line 2"),
+    (b'{"text": "a"}\n\n[1, 2]\n', "line 3"),
+    (b'{"prompt": "a"}\n', "line 1"),
+    (b'\xff\xfe\n', "line 1"),
+    (b"", "no records"),
+])
+def test_upload_validation_names_the_line(tmp_path: Path, content: bytes, message: str) -> None:
+    artifacts = ArtifactStore(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        artifacts.save_upload("file-x", io.BytesIO(content), max_bytes=10_000)
+    assert caught.value.field == "file" and message in caught.value.reason
+    assert str(tmp_path) not in caught.value.reason
+    assert list((tmp_path / "files").iterdir()) == []
+
+
+def test_upload_size_limit_and_success(tmp_path: Path) -> None:
+    artifacts = ArtifactStore(tmp_path)
+    lines = b"".join(json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(50))
+    with pytest.raises(UploadTooLarge):
+        artifacts.save_upload("file-big", io.BytesIO(lines), max_bytes=100)
+    size, records = artifacts.save_upload("file-ok", io.BytesIO(lines), max_bytes=10_000)
+    assert (size, records) == (len(lines), 50)
+    assert artifacts.file_path("file-ok").read_bytes() == lines
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QPA_HOME", str(tmp_path))
+    monkeypatch.setenv("QPA_ALLOWED_BACKENDS", "statevector, ibm-fake:*")
+    monkeypatch.setenv("QPA_MAX_QUBITS", "7")
+    settings = Settings(_env_file=None)
+    assert settings.allowed_backends == ["statevector", "ibm-fake:*"]
+    assert settings.backend_allowed("ibm-fake:FakeManilaV2")
+    assert not settings.backend_allowed("aer")
+    assert settings.max_qubits == 7
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'qpa.db'}"
+    assert settings.resolved_artifact_dir == tmp_path / "artifacts"
+
+
+def test_events_are_made_json_safe() -> None:
+    import numpy as np
+
+    event = {"loss": float("nan"), "step": np.int64(3), "lr": np.float32(0.5),
+             "nested": [{"x": float("inf")}]}
+    assert _json_safe(event) == {"loss": None, "step": 3, "lr": 0.5, "nested": [{"x": None}]}
+    json.dumps(_json_safe(event), allow_nan=False)
+
+
+def test_pid_alive() -> None:
+    assert store.pid_alive(os.getpid())
