@@ -56,16 +56,24 @@ class OftConversion:
     """OFT parameters of one module, or why there are none."""
 
     vector: torch.Tensor | None  # (num_unitaries, b(b-1)/2) float32
-    reason: str | None
+    reason: str | None  # for this module, with numbers
     max_error: float
+    kind: str | None = None  # the reason's category, shared by modules (for the model card)
+
+
+REASON_SUMMARIES = {
+    "conv1d": "stock PEFT's OFT does not support transformers' Conv1D (GPT-2) layers",
+    "not_orthogonal": "the rotation is not orthogonal (orthogonal=False or reduction max/avg)",
+    "minus_one": "a rotation block has an eigenvalue at (or near) -1, which no finite "
+                 "Cayley parameter reaches",
+}
 
 
 def convert_to_oft(layer: CompoundLinear) -> OftConversion:
     """Inverse-Cayley every block of ``layer`` and check PEFT's float32 rebuild of it."""
     adapter = layer.compound
     if layer.is_conv1d:
-        return OftConversion(None, "stock PEFT's OFT does not support transformers' Conv1D "
-                                   "(GPT-2) layers", float("nan"))
+        return OftConversion(None, REASON_SUMMARIES["conv1d"], float("nan"), "conv1d")
     with torch.no_grad():
         blocks = adapter.rotation_blocks(torch.float64)
         size = blocks.shape[-1]
@@ -75,19 +83,23 @@ def convert_to_oft(layer: CompoundLinear) -> OftConversion:
             why = ("orthogonal=False" if not adapter.orthogonal
                    else f"reduction={adapter.reduction}")
             return OftConversion(None, f"the rotation is not orthogonal ({why}; "
-                                       f"max |B^T B - I| = {drift:.1e})", drift)
-        skew = inverse_cayley(blocks)
+                                       f"max |B^T B - I| = {drift:.1e})", drift,
+                                 "not_orthogonal")
+        try:
+            skew = inverse_cayley(blocks)
+        except torch.linalg.LinAlgError:  # I + B exactly singular
+            skew = torch.full_like(blocks, float("inf"))
         rows, cols = triu_index(size, skew.device)
         vector = skew[..., rows, cols].to(torch.float32).contiguous()
         if not torch.isfinite(vector).all():
             return OftConversion(None, "a rotation block has an eigenvalue at -1, which no "
-                                       "Cayley parameter reaches", float("inf"))
+                                       "Cayley parameter reaches", float("inf"), "minus_one")
         rebuilt = cayley(skew_from_vector(vector, size))
         error = (rebuilt.to(torch.float64) - blocks).abs().max().item()
     if not error <= OFT_BLOCK_TOLERANCE:
         return OftConversion(None, "a rotation block has an eigenvalue at (or near) -1, so its "
                                    f"Cayley parameter is ill-conditioned (float32 rebuild "
-                                   f"error {error:.1e})", error)
+                                   f"error {error:.1e})", error, "minus_one")
     return OftConversion(vector.cpu(), None, error)
 
 
@@ -194,6 +206,7 @@ def export_compound_adapter(model: nn.Module, layers: dict[str, CompoundLinear],
     base_name = _base_model_name(model)
     conversions = {name: convert_to_oft(layer) for name, layer in layers.items()}
     inexact = {name: c.reason for name, c in conversions.items() if c.vector is None}
+    kinds = sorted({c.kind for c in conversions.values() if c.kind is not None})
     first = next(iter(layers.values())).compound
     if not inexact:
         error = _write_oft(layers, conversions, directory, base_name)
@@ -215,10 +228,9 @@ def export_compound_adapter(model: nn.Module, layers: dict[str, CompoundLinear],
             "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
         }
     rank, error = _write_lora(layers, directory, base_name)
-    reasons = sorted(set(inexact.values()))
     notes = [
         f"{len(inexact)} of {len(layers)} adapted modules cannot be written as PEFT OFT: "
-        + "; ".join(reasons) + ".",
+        + "; ".join(REASON_SUMMARIES[kind] for kind in kinds) + ".",
         "The adapter is therefore exported as a stock PEFT LoRA whose product B·A is each "
         f"module's exact merged weight change W·(R^T - I) (rank {rank}, lora_alpha = r so the "
         "scaling is 1). It loads with PeftModel.from_pretrained like any LoRA and reproduces "

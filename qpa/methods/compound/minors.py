@@ -12,7 +12,10 @@ Conventions used throughout ``qpa.methods.compound``:
   break "the adapted model equals the base model at step 0". We therefore anchor them:
   ``C_k^max(U) = max(U[I, J]) - max(I[I, J]) + delta_IJ`` (same for ``avg``). The anchor is a
   constant, so gradients are exactly those of the paper's ablation; only the start differs.
-  For k = 1 every reduction is U itself.
+  For k = 1 every reduction is U itself. A property of the ``max`` ablation worth knowing:
+  with an orthogonal (Cayley) U and n < 2k, every two k-subsets intersect, so at U = I the
+  maximum of every submatrix is a diagonal 1 of U, where the Cayley map has zero derivative:
+  U = I is then a stationary point and an adapter with only that order never moves.
 * Cayley: ``U = (I - S)(I + S)^-1`` with S skew-symmetric, built from the strictly upper
   triangle (row-major ``torch.triu_indices`` order). This is the convention of PEFT's OFT
   (``OFTRotationModule._cayley_batch`` with ``use_cayley_neumann=False``), so the same
