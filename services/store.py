@@ -11,6 +11,7 @@ holding it. A job whose lease went stale (its worker died) is handed back to the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -334,8 +335,20 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
 # --- leases -----------------------------------------------------------------------------
 
 
+@functools.cache
 def this_host() -> str:
-    return socket.gethostname()
+    """Where a pid means something: hostname, kernel boot and pid namespace.
+
+    Two containers may share a hostname, and a restarted machine reuses pids; only a
+    lease taken in this same boot and pid namespace may be judged by its pid.
+    """
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
 
 
 def pid_alive(pid: int) -> bool:
