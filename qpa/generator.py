@@ -11,7 +11,8 @@ Amortised quantum calls: the circuit and its gradient are evaluated once per win
 every step while dL/dp accumulates on that leaf; at the window's end the accumulated
 gradient is pulled back through the circuit into the angles (autograd for the
 statevector backend, the parameter-shift Jacobian from the same job for the others).
-With ``update_every=1`` this is exactly joint training.
+With ``update_every=1`` this is exactly joint training. The final window's angle
+gradient is dropped: the MLP could not follow a change of p after its last step.
 """
 
 from __future__ import annotations
@@ -176,6 +177,10 @@ class QPAGenerator(nn.Module):
         self._p_graph = self._jacobian = None
         self._fresh = False
         return True
+
+    def discard_accumulated_gradient(self) -> None:
+        if self._p_leaf is not None:
+            self._p_leaf.grad = None
 
     def accumulated_gradient(self) -> torch.Tensor | None:
         """dL/dp gathered so far in the current window (checkpointed mid-window)."""

@@ -62,7 +62,8 @@ def _gguf_path(alias: GGUFAlias) -> Path:
 
 def _materialise_alias(name: str) -> Path:
     """Convert the alias's GGUF into a cached HF directory once; return that directory."""
-    target = qpa_home() / "models" / name
+    cache = os.environ.get("QPA_MODELS")  # lets tests share one converted copy
+    target = (Path(cache).expanduser() if cache else qpa_home() / "models") / name
     if (target / "config.json").is_file():
         return target
     gguf = _gguf_path(ALIASES[name])

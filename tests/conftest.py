@@ -91,3 +91,14 @@ def _isolated_qpa_home(tmp_path_factory, monkeypatch):
     """Keep test state out of the user's ~/.qpa (the converted SmolLM2 cache is shared)."""
     if "QPA_HOME" not in os.environ:
         monkeypatch.setenv("QPA_HOME", str(tmp_path_factory.getbasetemp() / "qpa_home"))
+    # The converted SmolLM2 (about 540 MB, a minute to convert) is shared with `make demo`.
+    monkeypatch.setenv("QPA_MODELS", os.environ.get("QPA_MODELS", "~/.qpa/models"))
+
+
+@pytest.fixture(scope="session")
+def memorise_files(tmp_path_factory, data_files) -> tuple[Path, Path]:
+    """Eight records evaluated on themselves: a tiny random model can show learning in a
+    few steps here, whereas held-out topics barely move it."""
+    path = tmp_path_factory.mktemp("memorise") / "train.jsonl"
+    path.write_text("".join(data_files[0].read_text().splitlines(keepends=True)[:8]))
+    return path, path

@@ -111,7 +111,12 @@ class QPAMethod(AdapterMethod):
         self.current = self.generator()
 
     def before_optimizer_step(self, step: int, last_step: bool) -> None:
-        if (step + 1) % self.config.qpa.update_every == 0 or last_step:
+        if last_step:
+            # An angle update now would change p after the MLP's last update, and the MLP
+            # could never adapt to it (with shots it would also draw fresh noise). Export
+            # with the distribution the MLP was trained against instead: no extra job.
+            self.generator.discard_accumulated_gradient()
+        elif (step + 1) % self.config.qpa.update_every == 0:
             self.generator.push_angle_gradient()
 
     def before_eval(self) -> None:

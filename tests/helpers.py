@@ -1,0 +1,77 @@
+"""Test helpers: configs for tiny models and a trainer that keeps the trained logits."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpa.config import JobConfig, parse_config
+from qpa.training import Trainer
+
+
+def tiny_config(model_dir: Path, data: tuple[Path, Path], **overrides: Any) -> JobConfig:
+    """A job that trains a tiny model in seconds; nested dicts merge into the defaults."""
+    train_file, eval_file = data
+    base: dict[str, Any] = {
+        "base_model": str(model_dir), "method": "qpa", "backend": "statevector",
+        "train_file": str(train_file), "eval_file": str(eval_file), "steps": 6,
+        "qpa": {"chunk_size": 32, "depth": 2, "mlp_hidden": [16]},
+        "train": {"lr": 1e-2, "batch_size": 4, "max_length": 48, "eval_batches": 2,
+                  "sample_tokens": 0, "checkpoint_every": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return parse_config(base)
+
+
+PROBE_IDS = torch.tensor([[5, 17, 42, 99, 7, 123, 250, 3]])
+
+
+class LogitTrainer(Trainer):
+    """Records the trained model's logits on PROBE_IDS just before export."""
+
+    def _finish(self, wall_start: float) -> dict[str, Any]:
+        self.method.before_eval()
+        self.model.eval()
+        with torch.no_grad():
+            self.trained_logits = self.model(input_ids=PROBE_IDS).logits.clone()
+        return super()._finish(wall_start)
+
+
+# A child process in which `import qpa` and `import qiskit` fail, as on an inference box.
+BLOCKED_IMPORTS_PRELUDE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("qpa", "qiskit", "qiskit_aer", "qiskit_ibm_runtime"):
+                raise ImportError(f"{name} is blocked in this process")
+            return None
+    sys.meta_path.insert(0, _Block())
+    for mod in [m for m in sys.modules if m.split(".")[0] in ("qpa", "qiskit")]:
+        del sys.modules[mod]
+    try:
+        import qpa  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("qpa must not be importable here")
+    try:
+        import qiskit  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("qiskit must not be importable here")
+    """
+)
+
+
+def python_executable() -> str:
+    return sys.executable
