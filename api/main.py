@@ -24,6 +24,7 @@ from api.metrics import StoreCollector
 from api.routes import backends, files, jobs
 from qpa.errors import ConfigError
 from services.artifacts import ArtifactStore
+from services.backends import apply_ibm_settings
 from services.jobs import NotFoundError
 from services.logs import configure_logging
 from services.queue import make_celery
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level, settings.log_json)
+        apply_ibm_settings(settings)
         app.state.store = Store(settings.resolved_database_url)
         app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
         app.state.celery = make_celery(settings)

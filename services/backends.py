@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from services.settings import Settings
@@ -29,31 +28,28 @@ class BackendInfo:
         return asdict(self)
 
 
-def ibm_status(spec: str, settings: Settings) -> tuple[bool, str | None]:
-    """Whether an ``ibm:<name>`` backend is usable, and why not.
+def apply_ibm_settings(settings: Settings) -> None:
+    """Map the IBM settings onto the standard Qiskit variables the library reads.
 
-    Delegates to the library (``qpa.backends.ibm.ibm_status``) when it has it; otherwise
-    only checks that credentials are present.
+    Called once at start-up by the api and the worker, so ``QPA_IBM_*`` and the
+    ``QISKIT_IBM_*`` a user may already know configure the same thing.
     """
+    if settings.ibm_channel:
+        os.environ["QISKIT_IBM_CHANNEL"] = settings.ibm_channel
+    if settings.ibm_instance:
+        os.environ["QISKIT_IBM_INSTANCE"] = settings.ibm_instance
+    if settings.ibm_token_source == "saved":
+        os.environ.pop("QISKIT_IBM_TOKEN", None)
+
+
+def ibm_status(spec: str) -> tuple[bool, str | None]:
+    """Whether an ``ibm:<name>`` backend is usable now, and why not."""
     try:
         from qpa.backends.ibm import ibm_status as library_status
-    except ImportError:
-        library_status = None
-    if library_status is not None:
-        try:
-            available, reason = library_status(spec)
-        except Exception as error:  # a status probe must never break the listing
-            return False, f"could not check {spec}: {error}"
-        return bool(available), reason
-    if importlib.util.find_spec("qiskit_ibm_runtime") is None:
-        return False, "qiskit-ibm-runtime is not installed"
-    if settings.ibm_token_source == "env":
-        if os.environ.get("QISKIT_IBM_TOKEN"):
-            return True, None
-        return False, "no IBM Quantum credentials: set QISKIT_IBM_TOKEN on the workers"
-    if (Path.home() / ".qiskit" / "qiskit-ibm.json").is_file():
-        return True, None
-    return False, "no saved Qiskit account (QiskitRuntimeService.save_account)"
+    except ImportError:  # a library without IBM support
+        return False, "this installation has no Qiskit Runtime support"
+    available, reason = library_status(spec)
+    return bool(available), reason
 
 
 def list_backends(settings: Settings) -> list[BackendInfo]:
@@ -74,7 +70,7 @@ def list_backends(settings: Settings) -> list[BackendInfo]:
                                     "with the fake device's noise model"))
     for name in settings.ibm_backends:
         spec = f"ibm:{name}"
-        available, reason = ibm_status(spec, settings)
+        available, reason = ibm_status(spec)
         backends.append(BackendInfo(spec, "ibm", available, settings.backend_allowed(spec),
                                     reason, "IBM Quantum hardware via Qiskit Runtime"))
     return backends
@@ -88,7 +84,7 @@ def unusable_reason(spec: str, settings: Settings) -> str | None:
     if spec == "aer" and importlib.util.find_spec("qiskit_aer") is None:
         return "backend 'aer' is unavailable: qiskit-aer is not installed"
     if spec.startswith("ibm:"):
-        available, reason = ibm_status(spec, settings)
+        available, reason = ibm_status(spec)
         if not available:
             return f"backend {spec!r} is unavailable: {reason}"
     return None

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     """Server-side configuration (environment variables ``QPA_<FIELD>``, or ``.env``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="QPA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="QPA_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        # docker-compose passes unset variables as "": treat them as not set.
+        env_ignore_empty=True,
     )
 
     home: Path = Field(
@@ -67,13 +69,18 @@ class Settings(BaseSettings):
         default=100 * 1024 * 1024, ge=1, description="Largest accepted JSONL upload."
     )
 
-    ibm_channel: str = Field(
-        default="ibm_quantum_platform", description="Qiskit Runtime channel."
+    ibm_channel: str | None = Field(
+        default=None, description="Qiskit Runtime channel (e.g. ibm_quantum_platform); "
+        "unset: QISKIT_IBM_CHANNEL or the saved account's.",
     )
-    ibm_instance: str | None = Field(default=None, description="Qiskit Runtime instance (CRN).")
+    ibm_instance: str | None = Field(
+        default=None, description="Qiskit Runtime instance (CRN); unset: QISKIT_IBM_INSTANCE "
+        "or the saved account's.",
+    )
     ibm_token_source: Literal["env", "saved"] = Field(
         default="env",
-        description="env: token from QISKIT_IBM_TOKEN; saved: the saved Qiskit account.",
+        description="env: QISKIT_IBM_TOKEN, else the saved Qiskit account; saved: only the "
+        "saved account (~/.qiskit/qiskit-ibm.json).",
     )
 
     # Redelivery. A running job holds a lease that its worker renews every

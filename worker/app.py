@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_shutting_down
 
 from services import store
+from services.backends import apply_ibm_settings
 from services.logs import configure_logging
 from services.queue import enqueue_job, make_celery
 from services.settings import get_settings
 
 settings = get_settings()
-configure_logging(settings.log_level, settings.log_json)
 logger = logging.getLogger("qpa.worker")
 
 app = make_celery(settings)
@@ -71,6 +71,17 @@ class Reaper(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(Reaper)
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connected, so Celery leaves logging to us: JSON lines with the job id.
+    configure_logging(settings.log_level, settings.log_json)
+
+
+@worker_init.connect
+def _configure_ibm(**_: Any) -> None:
+    apply_ibm_settings(settings)  # before the pool forks, so every job sees it
 
 
 @worker_process_init.connect
