@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_shutting_down
 
 from services import store
 from services.backends import apply_ibm_settings
@@ -37,8 +37,6 @@ app.conf.include = ["worker.tasks"]
 
 # Set in a pool process when its worker shuts down: the running job stops at its next step.
 SHUTDOWN = threading.Event()
-# Set while a pool process runs a job (an idle one just exits on SIGTERM).
-BUSY = threading.Event()
 
 
 class Reaper(bootsteps.StartStopStep):
@@ -82,18 +80,6 @@ def _setup_logging(**_: Any) -> None:
 @worker_init.connect
 def _configure_ibm(**_: Any) -> None:
     apply_ibm_settings(settings)  # before the pool forks, so every job sees it
-
-
-@worker_process_init.connect
-def _install_pool_sigterm(**_: Any) -> None:
-    def handle(signum: int, _frame: Any) -> None:
-        if BUSY.is_set():
-            SHUTDOWN.set()  # checkpoint, requeue, then the task returns and we exit
-            return
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, handle)
 
 
 @worker_shutting_down.connect

@@ -7,16 +7,24 @@ reject-on-worker-lost mean the message survives a worker dying mid-job.
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 from services.queue import RUN_JOB_TASK, enqueue_job
 from services.runner import run_job
-from worker.app import BUSY, SHUTDOWN, app, settings
+from worker.app import SHUTDOWN, app, settings
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    SHUTDOWN.set()  # the job checkpoints at its next step and is requeued
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job_task(job_id: str) -> str:
-    BUSY.set()
+    # Only while a job runs: an idle pool process keeps billiard's exit-on-SIGTERM.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run_job(job_id, settings, shutdown=SHUTDOWN,
                        requeue=lambda requeued: enqueue_job(app, requeued, settings))
     finally:
-        BUSY.clear()
+        signal.signal(signal.SIGTERM, previous)

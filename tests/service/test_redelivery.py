@@ -89,3 +89,48 @@ def test_sigkilled_worker_job_resumes_on_another(two_workers: ServiceStack,
         assert "requeued, resumes from the checkpoint" in messages
         assert f"resumed from checkpoint at step {checkpoint}" in messages
         db.dispose()
+
+
+def test_sigterm_hands_the_running_job_back(two_workers: ServiceStack,
+                                            data_files: tuple[Path, Path],
+                                            tiny_llama_dir: Path) -> None:
+    """A warm shutdown (SIGTERM to the worker's main process, as `docker stop` sends)
+    does not wait hours for the job: it checkpoints, requeues, and another worker resumes."""
+    import os
+    import signal
+
+    from services import store
+
+    service = two_workers
+    service.start_worker("worker-c")
+    with service.client(service.new_key()) as client:
+        train_id = client.upload_file(data_files[0])["id"]
+        job_id = client.create_job(job_config(tiny_llama_dir, train_id, steps=60,
+                                              checkpoint_every=50))["id"]
+        wait_for(lambda: client.get_job(job_id)["progress"]["step"] >= 2, 120, "training")
+        db = store.Store(service.database_url)
+        with db.session() as session:
+            holder_pid = store.get_job(session, job_id).lease_pid
+        db.dispose()
+        name = next(name for name, process in service.workers.items()
+                    if process.pid == _parent_pid(holder_pid))
+        process = service.workers.pop(name)
+        stopped_at = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(60)
+        exit_seconds = time.monotonic() - stopped_at
+        assert exit_seconds < 30, f"worker took {exit_seconds:.0f}s to stop"
+
+        done = wait_for_status(client, job_id, timeout=180)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2
+        events = client.events(job_id, limit=1000)["data"]
+        handed_back = [event for event in events if "shutting down" in
+                       str(event["data"].get("message"))]
+        assert handed_back, [event["data"] for event in events if event["type"] == "status"]
+        # The shutdown checkpoint (not the every-50 one) is where attempt 2 starts.
+        resumed = [event["data"]["step"] for event in events
+                   if event["type"] == "step" and event["attempt"] == 2]
+        assert resumed[0] > 2
+        print(f"\nworker stopped {exit_seconds:.1f}s after SIGTERM; job resumed at "
+              f"step {resumed[0]}")
