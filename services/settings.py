@@ -86,8 +86,10 @@ class Settings(BaseSettings):
     # Redelivery. A running job holds a lease that its worker renews every
     # heartbeat_seconds; a lease older than lease_seconds (or held by a dead process
     # on this host) is taken over and the job resumes from its checkpoint.
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
-    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="How often a running "
+                                     "job's worker renews its lease.")
+    lease_seconds: float = Field(default=60.0, gt=0, description="A lease not renewed for "
+                                 "this long is dead; the job is requeued.")
     reap_seconds: float = Field(default=15.0, gt=0, description="How often workers look "
                                 "for jobs whose worker died.")
     visibility_timeout: int = Field(
@@ -96,7 +98,7 @@ class Settings(BaseSettings):
         "makes redelivered duplicates harmless.",
     )
 
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="Log level of api, worker and serve.")
     log_json: bool = Field(default=True, description="JSON log lines (False: plain text).")
 
     @field_validator("allowed_backends", "ibm_backends", mode="before")
