@@ -223,6 +223,7 @@ def _trained_unitary(llama, batch) -> torch.Tensor:
     model = method.attach(copy.deepcopy(llama))
     train(model, method, batch, steps=3, lr=0.2)
     name = next(iter(method.layers))
+    assert method.circuit(name).num_qubits == 5
     return method.unitaries(name)[0, 0].double()
 
 

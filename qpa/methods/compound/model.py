@@ -97,6 +97,17 @@ class CompoundMethod(AdapterMethod):
         with torch.no_grad():
             return self.layers[module_name].compound.unitaries().detach().clone()
 
+    def circuit(self, module_name: str, block: int = 0, adapter: int = 0):
+        """The RBS circuit of one trained U (see ``circuit.py`` for its conventions).
+
+        Its weight-k block is C_k(U), so it reproduces the adapter's compound segments of that
+        block; only meaningful for ``orthogonal=True`` with ``reduction="det"``.
+        """
+        from qpa.methods.compound.circuit import compound_circuit
+
+        unitary = self.unitaries(module_name)[adapter, block].to(torch.float64)
+        return compound_circuit(unitary, name=f"{module_name}.U[{adapter},{block}]")
+
 
 def compound_parameter_report(layers: dict[str, CompoundLinear], lora_rank: int) -> dict[str, Any]:
     """Trainable parameters against plain LoRA (same targets, ``lora_rank``) and PEFT OFT.
