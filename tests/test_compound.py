@@ -180,6 +180,21 @@ def test_gpt2_conv1d_starts_at_base_and_trains(batch) -> None:
         assert after < before - 1e-3
 
 
+def test_merged_weight_matches_the_adapted_layer_for_linear_and_conv1d(llama) -> None:
+    for base, targets in ((llama, LLAMA_TARGETS), (tiny_gpt2(), GPT2_TARGETS)):
+        method = CompoundMethod(job(orders=[1, 2, 3]), targets)
+        method.attach(copy.deepcopy(base))
+        for layer in method.layers.values():
+            with torch.no_grad():
+                torch.nn.init.normal_(layer.compound.weight, std=0.5)
+                x = torch.randn(3, layer.compound.layout.in_features)
+                merged = layer.effective_weight()
+                plain = x @ merged if layer.is_conv1d else x @ merged.T
+                if layer.base_layer.bias is not None:
+                    plain = plain + layer.base_layer.bias
+                assert torch.allclose(layer(x), plain, atol=1e-5)
+
+
 def test_attach_freezes_the_base_and_state_round_trips(llama) -> None:
     method = CompoundMethod(job(), LLAMA_TARGETS)
     model = method.attach(copy.deepcopy(llama))

@@ -57,8 +57,9 @@ class OftConversion:
 
     vector: torch.Tensor | None  # (num_unitaries, b(b-1)/2) float32
     reason: str | None  # for this module, with numbers
-    max_error: float
+    max_error: float  # largest entry-wise deviation of a rebuilt block
     kind: str | None = None  # the reason's category, shared by modules (for the model card)
+    weight_error: float = float("nan")  # largest deviation of the merged weight it implies
 
 
 REASON_SUMMARIES = {
@@ -94,13 +95,17 @@ def convert_to_oft(layer: CompoundLinear) -> OftConversion:
         if not torch.isfinite(vector).all():
             return OftConversion(None, "a rotation block has an eigenvalue at -1, which no "
                                        "Cayley parameter reaches", float("inf"), "minus_one")
-        rebuilt = cayley(skew_from_vector(vector, size))
-        error = (rebuilt.to(torch.float64) - blocks).abs().max().item()
-    if not error <= OFT_BLOCK_TOLERANCE:
-        return OftConversion(None, "a rotation block has an eigenvalue at (or near) -1, so its "
-                                   f"Cayley parameter is ill-conditioned (float32 rebuild "
-                                   f"error {error:.1e})", error, "minus_one")
-    return OftConversion(vector.cpu(), None, error)
+        deviation = cayley(skew_from_vector(vector, size)).to(torch.float64) - blocks
+        error = deviation.abs().max().item()
+        if not error <= OFT_BLOCK_TOLERANCE:
+            return OftConversion(None, "a rotation block has an eigenvalue at (or near) -1, so "
+                                       "its Cayley parameter is ill-conditioned (float32 "
+                                       f"rebuild error {error:.1e})", error, "minus_one")
+        if adapter.num_unitaries == 1:
+            deviation = deviation.expand(adapter.layout.blocks, -1, -1)
+        weight = layer.linear_weight().to(torch.float64)
+        weight_error = (weight @ torch.block_diag(*deviation.unbind(0)).T).abs().max().item()
+    return OftConversion(vector.cpu(), None, error, weight_error=weight_error)
 
 
 def lora_factors(layer: CompoundLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +159,7 @@ def _write_oft(layers: dict[str, CompoundLinear], conversions: dict[str, OftConv
     )
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(str(directory))
-    return max(conversion.max_error for conversion in conversions.values())
+    return max(conversion.weight_error for conversion in conversions.values())
 
 
 def _write_lora(layers: dict[str, CompoundLinear], directory: Path,
@@ -210,13 +215,14 @@ def export_compound_adapter(model: nn.Module, layers: dict[str, CompoundLinear],
     first = next(iter(layers.values())).compound
     if not inexact:
         error = _write_oft(layers, conversions, directory, base_name)
+        block_error = max(conversion.max_error for conversion in conversions.values())
         notes = [
             "Exported as a stock PEFT OFT adapter (use_cayley_neumann=False, "
             f"r={first.layout.blocks} blocks per module, block_share="
             f"{first.num_unitaries == 1}). Each block's orthogonal matrix (direct sum of "
             "compound matrices C_k(U) plus identity padding) was converted to OFT's "
             "skew-symmetric parameter by the inverse Cayley transform; largest deviation of "
-            f"a rebuilt block: {error:.1e}.",
+            f"a rebuilt block entry: {block_error:.1e}, of a merged weight: {error:.1e}.",
         ]
         return {
             "peft_type": "OFT",
