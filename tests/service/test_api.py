@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import ServiceStack, job_config
+from .helpers import ServiceStack, job_config
 
 
 @pytest.fixture(scope="module")

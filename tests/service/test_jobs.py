@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from services.client import APIError, QPAClient
-from tests.service.conftest import ServiceStack, job_config, wait_for, wait_for_status
+
+from .helpers import ServiceStack, job_config, wait_for, wait_for_status
 
 ADAPTERS: dict[str, Path] = {}
 

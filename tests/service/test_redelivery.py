@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import ServiceStack, job_config, wait_for, wait_for_status
+from .helpers import ServiceStack, job_config, wait_for, wait_for_status
 
 
 def _parent_pid(pid: int) -> int:

@@ -15,9 +15,13 @@ import httpx
 import yaml
 
 from services.embedded import free_port
-from tests.service.conftest import REPO_ROOT, wait_for
 
-CLI = [sys.executable, "-m", "services.cli"]
+from .helpers import REPO_ROOT, wait_for
+
+# The real console script (services.cli is mounted into it through the qpa.cli entry
+# point); `python -m services.cli` runs the same commands where it is not installed.
+_SCRIPT = Path(sys.executable).with_name("qpa")
+CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "services.cli"]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -44,14 +48,16 @@ def test_serve_round_trip_with_the_cli(tmp_path: Path, tiny_llama_dir: Path,
     assert key.startswith("qpa_")
 
     port = free_port()
+    # A file, not a pipe: the worker and API inherit it, and a full pipe would block them.
+    log_path = tmp_path / "serve.log"
     server = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client_env = {**env, "QPA_API_URL": url, "QPA_API_KEY": key}
     try:
         def healthy() -> bool:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             try:
                 return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
             except httpx.TransportError:
@@ -96,10 +102,11 @@ def test_serve_round_trip_with_the_cli(tmp_path: Path, tiny_llama_dir: Path,
         started = time.monotonic()
         os.kill(server.pid, signal.SIGINT)
         try:
-            output = server.communicate(timeout=60)[0].decode()
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             raise
+        output = log_path.read_text()
     assert server.returncode == 0, output[-3000:]
     assert "QPA stopped" in output
     print(f"\nqpa serve stopped {time.monotonic() - started:.1f}s after SIGINT")
