@@ -50,6 +50,8 @@ def create_job(
     except Exception as error:
         job.status, job.finished_at = "failed", store.utcnow()
         job.error = f"could not reach the job queue: {error}"
+        store.add_event(session, job.id, {"type": "status", "status": "failed",
+                                          "message": job.error})
         session.commit()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             f"job queue unavailable ({error}); job {job.id} was not started"
