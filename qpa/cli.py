@@ -42,8 +42,9 @@ def finetune(
     except ConfigError as error:
         _fail(error)
     target = output_dir or Path(config.output_dir or f"runs/{config_path.stem}")
-    console.print(f"[bold]{config.method}[/] on [bold]{config.base_model}[/] "
-                  f"(backend {config.backend}) for {config.steps} steps -> {target}")
+    where = f" (backend {config.backend})" if config.uses_quantum else ""
+    console.print(f"[bold]{config.method}[/] on [bold]{config.base_model}[/]{where} "
+                  f"for {config.steps} steps -> {target}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),

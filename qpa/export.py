@@ -72,7 +72,8 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
         "---",
         f"# {config.method.upper()} adapter for `{config.base_model}`",
         "",
-        f"Produced by QPA {metrics['qpa_version']} ({config.method}, backend `{config.backend}`). "
+        f"Produced by QPA {metrics['qpa_version']} ({config.method}"
+        + (f", backend `{config.backend}`" if config.uses_quantum else "") + "). "
         f"It is a stock PEFT **{export_info.get('peft_type', '?')}** adapter: inference needs "
         "only `transformers` and `peft`, no quantum software.",
         "",
@@ -95,9 +96,9 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
         f"| ratio to LoRA | {params['ratio_to_lora']:.2%} |",
     ]
     if "oft_equivalent_params" in params:
-        lines.append(
-            f"| PEFT OFT (same block size) parameters | {params['oft_equivalent_params']:,} |"
-        )
+        oft = params["oft_equivalent_params"]
+        lines.append(f"| PEFT OFT (same block size) parameters | {oft:,} |")
+        lines.append(f"| ratio to OFT | {params['trainable_params'] / oft:.2%} |")
     lines += [
         f"| eval loss before → after | {_fmt(metrics['eval_loss_before'])} → "
         f"{_fmt(metrics['eval_loss_after'])} |",

@@ -33,11 +33,12 @@ def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
-@pytest.mark.parametrize("method", ["qpa", "lora"])
+@pytest.mark.parametrize("method", ["qpa", "lora", "compound"])
 def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, method,
                                                       data_files, tmp_path):
     model_dir = request.getfixturevalue(model_fixture)
-    config = tiny_config(model_dir, data_files, method=method, steps=4)
+    config = tiny_config(model_dir, data_files, method=method, steps=4,
+                         compound={"blocks": 2}, train={"lr": 3e-2})
     trainer = LogitTrainer(config, tmp_path / "out")
     metrics = trainer.run()
     adapter = tmp_path / "out" / "adapter"
@@ -46,11 +47,15 @@ def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, me
     card = (adapter / "README.md").read_text()
     assert method.upper() in card and "trainable parameters" in card
     peft_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert peft_config["peft_type"] == "LORA"
+    # Compound ships as OFT, except on GPT-2 whose Conv1D stock OFT cannot load (exact LoRA).
+    expected = "OFT" if method == "compound" and model_fixture == "tiny_llama_dir" else "LORA"
+    assert peft_config["peft_type"] == expected
+    assert metrics["export"]["peft_type"] == expected
     # Training changed the model, so matching logits is not trivially the base model's.
     assert metrics["eval_loss_after"] != metrics["eval_loss_before"]
     reloaded = _load_in_clean_process(model_dir, adapter, tmp_path)
-    assert (reloaded - trained_logits(trainer)).abs().max().item() <= 1e-5
+    tolerance = 1e-4 if method == "compound" else 1e-5  # the issues' bounds
+    assert (reloaded - trained_logits(trainer)).abs().max().item() <= tolerance
 
 
 def trained_logits(trainer: LogitTrainer) -> torch.Tensor:

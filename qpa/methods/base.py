@@ -54,8 +54,10 @@ class AdapterMethod(ABC):
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, piece in self.trainable_modules().items():
-            out[key] = piece.detach().clone() if isinstance(piece, nn.Parameter) \
-                else piece.state_dict()
+            # Copies, not live references: a checkpoint must not follow later steps.
+            out[key] = piece.detach().clone() if isinstance(piece, nn.Parameter) else {
+                name: value.detach().clone() for name, value in piece.state_dict().items()
+            }
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
