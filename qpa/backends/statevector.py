@@ -133,8 +133,8 @@ class _Group:
     qubits: tuple[int, ...]
     #: per qubit (lowest first): ("ry", param, scale) | ("fixed", matrix) | ("id",)
     factors: list[tuple] = field(default_factory=list)
-    #: (param, scale, position in group) of every RY, for the gradient
-    rotations: list[tuple[int, float, int]] = field(default_factory=list)
+    bucket: int = 0  # groups of equal size share a bucket; their matrices are built together
+    slot: int = 0  # index within the bucket
 
 
 @dataclass
@@ -146,6 +146,21 @@ class _Step:
     qubits: tuple[int, ...] = ()
     param: int | None = None
     scale: float = 1.0
+
+
+@dataclass
+class _Bucket:
+    """All groups of one size k: their matrices are built, and their gradients reduced, in a
+    handful of batched ops rather than a few ops per gate (which dominates at small n)."""
+
+    size: int
+    count: int = 0
+    units: torch.Tensor | None = None  # (count, k, 2, 2) constant factors, zeros at RY slots
+    ry_group: torch.Tensor | None = None  # (R,) group slot of each RY
+    ry_position: torch.Tensor | None = None  # (R,) position of the RY within its group
+    ry_param: torch.Tensor | None = None  # (R,) index into theta
+    ry_half_scale: torch.Tensor | None = None  # (R,) angle / 2 = this * theta[param]
+    generators: torch.Tensor | None = None  # (k, d, d) Y' on each position
 
 
 def _tiling(num_qubits: int) -> list[tuple[int, ...]]:
@@ -171,9 +186,10 @@ class _Program:
     backward gathers, so it costs nothing for circuits that end in a CX run.
     """
 
-    def __init__(self, circuit: QuantumCircuit, device: torch.device):
+    def __init__(self, circuit: QuantumCircuit, dtype: torch.dtype, device: torch.device):
         self.num_qubits = circuit.num_qubits
         self.num_parameters = circuit.num_parameters
+        self.dtype, self.device = dtype, device
         self.tiling = _tiling(self.num_qubits)
         # backward layout: bit position of each qubit (groups in reverse order, each kept
         # in its own lowest-first order)
@@ -189,13 +205,15 @@ class _Program:
         self.to_backward = _relabel(logical, position)
         self.from_backward = np.empty_like(self.to_backward)
         self.from_backward[self.to_backward] = logical
-        self.steps = self._plan(compile_circuit(circuit), device)
+        self.buckets: list[_Bucket] = []
+        self.steps = self._plan(compile_circuit(circuit))
+        self._build_buckets()
         # Entering backward: standard -> backward layout, fused into a leading gather.
         self.enter_backward = None
         if not self.steps or self.steps[-1].kind != "perm":
             self.enter_backward = torch.as_tensor(self.from_backward, device=device)
 
-    def _plan(self, ops: list[_Op], device: torch.device) -> list[_Step]:
+    def _plan(self, ops: list[_Op]) -> list[_Step]:
         steps: list[_Step] = []
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         run: dict[int, _Op] = {}
@@ -215,7 +233,7 @@ class _Program:
             if op.kind == "perm":
                 key = op.perm.tobytes()
                 if key not in cache:
-                    cache[key] = self._perm_tensors(op.perm, device)
+                    cache[key] = self._perm_tensors(op.perm)
                 forward, backward = cache[key]
                 steps.append(_Step("perm", perm_forward=forward, perm_backward=backward))
             else:
@@ -229,32 +247,85 @@ class _Program:
             steps[-1] = _Step(
                 "perm",
                 perm_forward=steps[-1].perm_forward,
-                perm_backward=torch.as_tensor(inverse[self.from_backward], device=device),
+                perm_backward=torch.as_tensor(inverse[self.from_backward], device=self.device),
             )
         return steps
 
-    def _perm_tensors(self, perm: np.ndarray, device: torch.device):
+    def _perm_tensors(self, perm: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # backward, in backward layout: old[j] = new[to_b(perm^-1(from_b(j)))]
         inverse = np.empty_like(perm)
         inverse[perm] = np.arange(perm.size)
         backward = self.to_backward[inverse[self.from_backward]]
-        return torch.as_tensor(perm, device=device), torch.as_tensor(backward, device=device)
+        return (torch.as_tensor(perm, device=self.device),
+                torch.as_tensor(backward, device=self.device))
 
     def _groups(self, run: dict[int, _Op]) -> list[_Group]:
         groups = []
         for qubits in self.tiling:
             group = _Group(qubits)
-            for position, qubit in enumerate(qubits):
+            for qubit in qubits:
                 op = run.get(qubit)
                 if op is None:
                     group.factors.append(("id",))
                 elif op.kind == "ry":
                     group.factors.append(("ry", op.param, op.scale))
-                    group.rotations.append((op.param, op.scale, position))
                 else:
                     group.factors.append(("fixed", op.matrix))
             groups.append(group)
         return groups
+
+    def _build_buckets(self) -> None:
+        by_size: dict[int, _Bucket] = {}
+        units: dict[int, list[np.ndarray]] = {}
+        rotations: dict[int, list[tuple[int, int, int, float]]] = {}
+        for step in self.steps:
+            for group in step.groups:
+                k = len(group.qubits)
+                if k not in by_size:
+                    by_size[k] = _Bucket(k)
+                    units[k], rotations[k] = [], []
+                    self.buckets.append(by_size[k])
+                bucket = by_size[k]
+                group.bucket, group.slot = self.buckets.index(bucket), bucket.count
+                bucket.count += 1
+                factors = np.zeros((k, 2, 2))
+                for position, factor in enumerate(group.factors):
+                    if factor[0] == "ry":
+                        rotations[k].append((group.slot, position, factor[1], factor[2]))
+                    else:
+                        factors[position] = factor[1] if factor[0] == "fixed" else np.eye(2)
+                units[k].append(factors)
+        options = {"device": self.device}
+        for bucket in self.buckets:
+            k = bucket.size
+            bucket.units = torch.as_tensor(np.stack(units[k]), dtype=self.dtype, **options)
+            table = np.array(rotations[k], dtype=np.float64).reshape(-1, 4)
+            bucket.ry_group = torch.as_tensor(table[:, 0].astype(np.int64), **options)
+            bucket.ry_position = torch.as_tensor(table[:, 1].astype(np.int64), **options)
+            bucket.ry_param = torch.as_tensor(table[:, 2].astype(np.int64), **options)
+            bucket.ry_half_scale = torch.as_tensor(0.5 * table[:, 3], dtype=self.dtype, **options)
+            bucket.generators = _generator_matrices(k, self.dtype, self.device)
+
+    def group_matrices(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """K of every group, per bucket (B, count, d, d): K = U_top x ... x U_lowest."""
+        batch = theta.shape[0]
+        matrices = []
+        for bucket in self.buckets:
+            units = bucket.units.expand(batch, *bucket.units.shape).clone()
+            if bucket.ry_param.numel():
+                half = theta[:, bucket.ry_param] * bucket.ry_half_scale
+                cos, sin = torch.cos(half), torch.sin(half)
+                rotation = torch.stack((torch.stack((cos, -sin), -1),
+                                        torch.stack((sin, cos), -1)), -2)
+                units[:, bucket.ry_group, bucket.ry_position] = rotation
+            kron = units[:, :, -1]  # most significant qubit first
+            for position in range(bucket.size - 2, -1, -1):
+                unit = units[:, :, position]
+                size = kron.shape[-1] * 2
+                outer = kron[..., :, None, :, None] * unit[..., None, :, None, :]
+                kron = outer.reshape(batch, bucket.count, size, size)
+            matrices.append(kron)
+        return matrices
 
 
 def _relabel(indices: np.ndarray, position: list[int]) -> np.ndarray:
@@ -266,38 +337,6 @@ def _relabel(indices: np.ndarray, position: list[int]) -> np.ndarray:
 
 
 # -- running the program ---------------------------------------------------------------
-
-
-def _build_group_matrix(group: _Group, half_cos: torch.Tensor, half_sin: torch.Tensor,
-                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """K for every batch row, (B, d, d); half_cos/half_sin hold cos/sin(scale*theta/2)."""
-    batch = half_cos.shape[0]
-    kron: torch.Tensor | None = None
-    for index in range(len(group.factors) - 1, -1, -1):  # most significant qubit first
-        factor = group.factors[index]
-        if factor[0] == "ry":
-            c, s = half_cos[:, index], half_sin[:, index]
-            unit = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)
-        elif factor[0] == "fixed":
-            unit = torch.as_tensor(factor[1], dtype=dtype, device=device).expand(batch, 2, 2)
-        else:
-            unit = torch.eye(2, dtype=dtype, device=device).expand(batch, 2, 2)
-        if kron is None:
-            kron = unit
-        else:
-            size = kron.shape[-1] * 2
-            outer = kron[:, :, None, :, None] * unit[:, None, :, None, :]
-            kron = outer.reshape(batch, size, size)
-    return kron
-
-
-def _group_angles(group: _Group, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of half the angle of every factor, (B, k) (unused slots: 1 and 0)."""
-    batch, k = theta.shape[0], len(group.factors)
-    half = theta.new_zeros(batch, k)
-    for param, scale, position in group.rotations:
-        half[:, position] = 0.5 * scale * theta[:, param]
-    return torch.cos(half), torch.sin(half)
 
 
 def _apply_group(kron: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -372,17 +411,12 @@ class _CircuitAmplitudes(torch.autograd.Function):
         src = theta.new_zeros(batch, size)
         src[:, 0] = 1.0
         dst = torch.empty_like(src)
-        matrices: list = []
+        matrices = program.group_matrices(theta)
         for step in program.steps:
             if step.kind == "groups":
-                per_group = []
                 for group in step.groups:
-                    cos, sin = _group_angles(group, theta)
-                    kron = _build_group_matrix(group, cos, sin, theta.dtype, theta.device)
-                    per_group.append(kron)
-                    _apply_group(kron, src, dst)
+                    _apply_group(matrices[group.bucket][:, group.slot], src, dst)
                     src, dst = dst, src
-                matrices.append(per_group)
                 continue
             if step.kind == "perm":
                 torch.index_select(src, 1, step.perm_forward, out=dst)
@@ -420,28 +454,22 @@ class _CircuitAmplitudes(torch.autograd.Function):
         else:
             work[:batch].copy_(output)
             work[batch:].copy_(grad_output)
+        # Transposed (= inverse) matrices, duplicated for the psi and phi rows.
+        inverses = [torch.cat((kron.mT, kron.mT)) for kron in ctx.matrices]
+        # gram[b][slot] = sum over the other qubits of phi (x) psi at the group's input
+        grams = [output.new_empty(bucket.count, batch, 1 << bucket.size, 1 << bucket.size)
+                 for bucket in program.buckets]
         position = program.backward_position
-        generators: dict[int, torch.Tensor] = {}
-        matrices = list(ctx.matrices)
         for step in reversed(program.steps):
             if step.kind == "groups":
-                per_group = matrices.pop()
-                for group, kron in zip(reversed(step.groups), reversed(per_group), strict=True):
-                    inverse = kron.mT.repeat(2, 1, 1)
-                    _apply_group(inverse, work, spare)
+                for group in reversed(step.groups):
+                    _apply_group(inverses[group.bucket][:, group.slot], work, spare)
                     work, spare = spare, work
-                    if group.rotations:
-                        k = len(group.qubits)
-                        d = 1 << k
-                        if k not in generators:
-                            generators[k] = _generator_matrices(k, output.dtype, output.device)
-                        # Evaluated at the group's input: <phi_in, Y'_j psi_in> (K^T commutes
-                        # the generator through), with the group in the top bits.
-                        rows = work.view(2 * batch, d, size // d)
-                        gram = torch.matmul(rows[batch:], rows[:batch].mT)  # (B, d, d)
-                        per_qubit = torch.einsum("bac,jac->bj", gram, generators[k])
-                        for param, scale, slot in group.rotations:
-                            grad_theta[:, param] += 0.5 * scale * per_qubit[:, slot]
+                    # Evaluated at the group's input, where the group sits in the top bits:
+                    # d/dtheta = <phi_in, (Y'/2) psi_in> (K^T carries the generator through).
+                    d = 1 << len(group.qubits)
+                    rows = work.view(2 * batch, d, size // d)
+                    torch.matmul(rows[batch:], rows[:batch].mT, out=grams[group.bucket][group.slot])
                 continue
             if step.kind == "perm":
                 torch.index_select(work, 1, step.perm_backward, out=spare)
@@ -462,6 +490,12 @@ class _CircuitAmplitudes(torch.autograd.Function):
                 _rotate_pair(work, spare, views, torch.cos(half).repeat(2),
                              torch.sin(half).repeat(2))
             work, spare = spare, work
+        for bucket, gram in zip(program.buckets, grams, strict=True):
+            if bucket.ry_param.numel():
+                # <phi, Y'_j psi> = sum_ac Y'_j[a, c] gram[a, c] for every group and position
+                per_qubit = torch.einsum("gbac,jac->bgj", gram, bucket.generators)
+                values = per_qubit[:, bucket.ry_group, bucket.ry_position] * bucket.ry_half_scale
+                grad_theta.index_add_(1, bucket.ry_param, values)
         return grad_theta, None
 
 
@@ -475,7 +509,7 @@ class StatevectorBackend(QuantumBackend):
         super().__init__(circuit)
         self.dtype = torch.float64 if precision == "float64" else torch.float32
         self.device = torch.device(device)
-        self.program = _Program(circuit, self.device)
+        self.program = _Program(circuit, self.dtype, self.device)
 
     @property
     def name(self) -> str:
