@@ -137,12 +137,36 @@ class _Group:
     slot: int = 0  # index within the bucket
 
 
+class _Permutation:
+    """new[:, i] = old[:, source[i]] on a (rows, 2^n) state, written into a given buffer.
+
+    torch's CPU index_select is vectorised for 4-byte elements but not for 8-byte ones,
+    where scattering with the inverse permutation (index_copy_) measured 2x faster at
+    n = 18..20; so float64 scatters and float32 gathers. Only the index used is kept.
+    """
+
+    def __init__(self, source: np.ndarray, dtype: torch.dtype, device: torch.device):
+        self.scatter = dtype.itemsize == 8
+        if self.scatter:
+            target = np.empty_like(source)
+            target[source] = np.arange(source.size)
+            self.index = torch.as_tensor(target, device=device)
+        else:
+            self.index = torch.as_tensor(source, device=device)
+
+    def apply(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.scatter:
+            dst.index_copy_(1, self.index, src)
+        else:
+            torch.index_select(src, 1, self.index, out=dst)
+
+
 @dataclass
 class _Step:
     kind: str  # "groups" | "perm" | "rbs" | "cry"
     groups: list[_Group] = field(default_factory=list)
-    perm_forward: torch.Tensor | None = None  # standard layout
-    perm_backward: torch.Tensor | None = None  # inverse permutation in the backward layout
+    perm_forward: _Permutation | None = None  # standard layout
+    perm_backward: _Permutation | None = None  # inverse permutation in the backward layout
     qubits: tuple[int, ...] = ()
     param: int | None = None
     scale: float = 1.0
@@ -211,11 +235,11 @@ class _Program:
         # Entering backward: standard -> backward layout, fused into a leading gather.
         self.enter_backward = None
         if not self.steps or self.steps[-1].kind != "perm":
-            self.enter_backward = torch.as_tensor(self.from_backward, device=device)
+            self.enter_backward = _Permutation(self.from_backward, dtype, device)
 
     def _plan(self, ops: list[_Op]) -> list[_Step]:
         steps: list[_Step] = []
-        cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        cache: dict[bytes, tuple[_Permutation, _Permutation]] = {}
         run: dict[int, _Op] = {}
 
         def flush_run() -> None:
@@ -247,17 +271,17 @@ class _Program:
             steps[-1] = _Step(
                 "perm",
                 perm_forward=steps[-1].perm_forward,
-                perm_backward=torch.as_tensor(inverse[self.from_backward], device=self.device),
+                perm_backward=_Permutation(inverse[self.from_backward], self.dtype, self.device),
             )
         return steps
 
-    def _perm_tensors(self, perm: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _perm_tensors(self, perm: np.ndarray) -> tuple[_Permutation, _Permutation]:
         # backward, in backward layout: old[j] = new[to_b(perm^-1(from_b(j)))]
         inverse = np.empty_like(perm)
         inverse[perm] = np.arange(perm.size)
         backward = self.to_backward[inverse[self.from_backward]]
-        return (torch.as_tensor(perm, device=self.device),
-                torch.as_tensor(backward, device=self.device))
+        return (_Permutation(perm, self.dtype, self.device),
+                _Permutation(backward, self.dtype, self.device))
 
     def _groups(self, run: dict[int, _Op]) -> list[_Group]:
         groups = []
@@ -419,7 +443,7 @@ class _CircuitAmplitudes(torch.autograd.Function):
                     src, dst = dst, src
                 continue
             if step.kind == "perm":
-                torch.index_select(src, 1, step.perm_forward, out=dst)
+                step.perm_forward.apply(src, dst)
             elif step.kind == "rbs":
                 angle = step.scale * theta[:, step.param]
                 a, b = step.qubits
@@ -448,9 +472,9 @@ class _CircuitAmplitudes(torch.autograd.Function):
         work = torch.empty(2 * batch, size, dtype=output.dtype, device=output.device)
         spare = torch.empty_like(work)
         if program.enter_backward is not None:
-            torch.index_select(output, 1, program.enter_backward, out=work[:batch])
-            torch.index_select(grad_output.to(output.dtype), 1, program.enter_backward,
-                               out=work[batch:])
+            program.enter_backward.apply(output, work[:batch])
+            program.enter_backward.apply(grad_output.to(output.dtype).contiguous(),
+                                         work[batch:])
         else:
             work[:batch].copy_(output)
             work[batch:].copy_(grad_output)
@@ -472,7 +496,7 @@ class _CircuitAmplitudes(torch.autograd.Function):
                     torch.matmul(rows[batch:], rows[:batch].mT, out=grams[group.bucket][group.slot])
                 continue
             if step.kind == "perm":
-                torch.index_select(work, 1, step.perm_backward, out=spare)
+                step.perm_backward.apply(work, spare)
             elif step.kind == "rbs":
                 a, b = position[step.qubits[0]], position[step.qubits[1]]
                 views = lambda s, a=a, b=b: _pair_views(s, a, b)  # noqa: E731
