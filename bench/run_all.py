@@ -1,0 +1,224 @@
+"""Run every benchmark script present and regenerate the tables of docs/BENCHMARKS.md.
+
+    python -m bench.run_all [--quick] [--only NAME ...] [--skip NAME ...] [--docs-only]
+
+Each ``bench/bench_*.py`` runs in its own process (``python -m bench.<name> [--quick]``),
+one after another so they never compete for the cores, with its output in
+``bench/results/<name>.log``. A script that fails or runs past its time budget is reported
+and the others still run. Afterwards every generated block of docs/BENCHMARKS.md, i.e. the
+text between ``<!-- BEGIN GENERATED: <section> -->`` and ``<!-- END GENERATED: <section> -->``,
+is rewritten from the JSON results; everything outside those markers is hand-written and
+kept as it is. A section whose results do not exist yet keeps its current text.
+
+A script takes part in the document by defining ``SECTION`` (the marker name), ``NAME``
+(its results are ``bench/results/<NAME>.json``) and ``render_markdown(results) -> str``.
+Scripts that do not are still run; ``FALLBACK_RENDERERS`` below covers those we know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import setup_peers
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    format_ratio,
+    machine_facts,
+    markdown_table,
+    print_table,
+    write_json,
+)
+
+DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
+
+#: Known scripts in running order (cheap first) with their time budgets in seconds,
+#: quick and full. Any other bench/bench_*.py found is run after these with the default.
+SCRIPTS: dict[str, tuple[int, int]] = {
+    "bench_qnn_speed": (480, 3600),
+    "bench_gradient_paths": (240, 1800),
+    "bench_compound_vs_oft": (180, 1200),
+    "bench_overhead": (300, 2400),
+    "bench_service": (180, 1200),
+    "bench_quality": (420, 7200),
+}
+DEFAULT_BUDGET = (300, 3600)
+
+_BLOCK = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- END GENERATED: "
+    r"(?P=name) -->)",
+    re.S,
+)
+
+
+def discover() -> list[str]:
+    present = {path.stem for path in (REPO_ROOT / "bench").glob("bench_*.py")}
+    ordered = [name for name in SCRIPTS if name in present]
+    return ordered + sorted(present - set(ordered))
+
+
+def run_script(name: str, quick: bool) -> dict[str, Any]:
+    budget = SCRIPTS.get(name, DEFAULT_BUDGET)[0 if quick else 1]
+    command = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else [])
+    log = RESULTS_DIR / f"{name}.log"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    print(f"== {name} ({'quick' if quick else 'full'}, budget {budget} s) -> "
+          f"{log.relative_to(REPO_ROOT)}", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=budget)
+            status = "ok" if returncode == 0 else f"failed (exit {returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the script and its worker processes
+            process.wait()
+            returncode, status = None, f"stopped after its {budget} s budget"
+    seconds = time.perf_counter() - start
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    print(f"   {status} in {seconds:.0f} s" + ("" if status == "ok" else
+                                               "\n   " + "\n   ".join(tail)), flush=True)
+    return {"script": name, "status": status, "returncode": returncode, "seconds": seconds}
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def _latest(*names: str) -> dict[str, Any] | None:
+    paths = [RESULTS_DIR / f"{name}.json" for name in names]
+    paths = [path for path in paths if path.exists()]
+    if not paths:
+        return None
+    return json.loads(max(paths, key=lambda path: path.stat().st_mtime).read_text())
+
+
+def render_compound_vs_oft() -> str | None:
+    """Table for bench_compound_vs_oft.py's JSON (that script defines no renderer)."""
+    results = _latest("compound_vs_oft", "compound_vs_oft_quick")
+    if results is None:
+        return None
+    rows = []
+    for case in results["cases"]:
+        median = case["median_ms"]
+        rows.append([case["label"], f"{case['in_features']}x{case['out_features']}",
+                     case["tokens"], case["blocks"], "".join(map(str, case["orders"])),
+                     f"{median['base']:.2f}", f"{median['compound']:.2f}",
+                     f"{median['oft_exact']:.2f}", f"{median['oft_neumann']:.2f}",
+                     format_ratio(case["ratio_vs_oft_exact"]),
+                     format_ratio(case["ratio_vs_oft_neumann"])])
+    machine = results.get("machine", {})
+    versions = results.get("versions", {})
+    head = (f"Measured {results.get('date', '')[:16].replace('T', ' ')} UTC "
+            f"({'quick' if results.get('settings', {}).get('quick') else 'full'} mode) on "
+            f"{machine.get('processor')} ({machine.get('cpu_count')} cores, "
+            f"{machine.get('torch_threads')} torch thread(s), {machine.get('device')}), "
+            f"torch {versions.get('torch')}, peft {versions.get('peft')}. Median ms of "
+            "forward+backward of one adapted linear layer; ratios are compound / OFT "
+            "(below 1 = ours faster).")
+    table = markdown_table(
+        ["case", "shape", "tokens", "blocks", "orders", "bare layer", "compound", "OFT (Cayley)",
+         "OFT (Cayley-Neumann)", "compound / OFT", "compound / OFT-CN"], rows)
+    return f"{head}\n\n{table}\n\nRaw timings: `bench/results/compound_vs_oft*.json`."
+
+
+FALLBACK_RENDERERS: dict[str, tuple[str, Callable[[], str | None]]] = {
+    "bench_compound_vs_oft": ("compound-vs-oft", render_compound_vs_oft),
+}
+
+
+def rendered_sections(scripts: list[str]) -> dict[str, str]:
+    """Section name -> markdown, for every script whose results exist."""
+    sections: dict[str, str] = {}
+    for name in scripts:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except Exception as error:  # a broken script must not stop the others' tables
+            print(f"   cannot import bench.{name}: {error}", file=sys.stderr)
+            continue
+        renderer = getattr(module, "render_markdown", None)
+        if renderer and hasattr(module, "SECTION") and hasattr(module, "NAME"):
+            path = RESULTS_DIR / f"{module.NAME}.json"
+            if path.exists():
+                try:
+                    sections[module.SECTION] = renderer(json.loads(path.read_text()))
+                except Exception as error:
+                    print(f"   rendering {name} failed: {error}", file=sys.stderr)
+        elif name in FALLBACK_RENDERERS:
+            section, fallback = FALLBACK_RENDERERS[name]
+            text = fallback()
+            if text:
+                sections[section] = text
+    return sections
+
+
+def rewrite_doc(sections: dict[str, str], doc: Path = DOC) -> list[str]:
+    """Replace the generated blocks named in ``sections``; returns the names replaced."""
+    text = doc.read_text()
+    replaced: list[str] = []
+
+    def substitute(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in sections:
+            return match.group(0)
+        replaced.append(name)
+        return f"{match.group(1)}{sections[name].rstrip()}\n{match.group(4)}"
+
+    new_text = _BLOCK.sub(substitute, text)
+    missing = set(sections) - {m.group("name") for m in _BLOCK.finditer(text)}
+    for name in sorted(missing):
+        print(f"   docs/BENCHMARKS.md has no generated block '{name}'; add "
+              f"<!-- BEGIN GENERATED: {name} --> ... <!-- END GENERATED: {name} -->",
+              file=sys.stderr)
+    if new_text != text:
+        doc.write_text(new_text)
+    return replaced
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick version of every script (about 20 minutes in all)")
+    parser.add_argument("--only", action="append", default=[], help="run only these scripts")
+    parser.add_argument("--skip", action="append", default=[], help="do not run these")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="regenerate docs/BENCHMARKS.md from existing results")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not install missing peers (bench extra, bench/.venv-tq)")
+    args = parser.parse_args(argv)
+    scripts = discover()
+    selected = [s for s in scripts if (not args.only or s in args.only) and s not in args.skip]
+    runs = []
+    if not args.docs_only:
+        if not args.no_install:
+            error = setup_peers.install_main_peers()
+            if error:
+                print(f"bench extra: {error}", file=sys.stderr)
+            usable, detail = setup_peers.ensure_tq_venv()
+            print(f"torchquantum venv: {detail}", flush=True)
+        started = time.perf_counter()
+        runs = [run_script(name, args.quick) for name in selected]
+        write_json("run_all", {"mode": "quick" if args.quick else "full",
+                               "machine": machine_facts(), "runs": runs,
+                               "wall_s": time.perf_counter() - started})
+        print()
+        print_table(["script", "status", "seconds"],
+                    [[r["script"], r["status"], f"{r['seconds']:.0f}"] for r in runs])
+    replaced = rewrite_doc(rendered_sections(scripts))
+    print(f"docs/BENCHMARKS.md: regenerated {', '.join(replaced) or 'nothing'}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
