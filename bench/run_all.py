@@ -47,6 +47,7 @@ DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
 #: quick and full. Any other bench/bench_*.py found is run after these with the default.
 SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_qnn_speed": (480, 3600),
+    "bench_statevector_versions": (240, 1800),
     "bench_gradient_paths": (240, 1800),
     "bench_compound_vs_oft": (180, 1200),
     "bench_overhead": (300, 2400),
