@@ -72,7 +72,7 @@ def iter_jsonl(path: str | Path, field: str = "train_file") -> Iterator[dict]:
 def read_jsonl(path: str | Path, field: str = "train_file") -> list[dict]:
     records = list(iter_jsonl(path, field))
     if not records:
-        raise ConfigError(field, f"{path} contains no records")
+        raise ConfigError(field, "the file contains no records")
     return records
 
 
@@ -80,7 +80,7 @@ def validate_jsonl(path: str | Path, field: str = "train_file") -> int:
     """Validate a whole file without keeping it; return the number of records."""
     count = sum(1 for _ in iter_jsonl(path, field))
     if count == 0:
-        raise ConfigError(field, f"{path} contains no records")
+        raise ConfigError(field, "the file contains no records")
     return count
 
 
