@@ -8,21 +8,22 @@ once into a short program, and the program runs inside one ``torch.autograd.Func
   small dense matrices: the register is tiled into groups of ``GROUP_QUBITS`` adjacent
   qubits, and each group's Kronecker product K (d x d, d = 2^k) is applied with one GEMM.
   The GEMM reads the group from the lowest bits and writes it to the highest
-  (``out = K @ X^T`` with X viewed as (2^n / d, d)), which is the one GEMM shape BLAS runs
-  at memory speed; after every group of a full tiling the bits are back where they
+  (``out = K @ X^T`` with X viewed as (2^n / d, d)), the GEMM shape MKL ran fastest of
+  those we measured; after every group of a full tiling the bits are back where they
   started. One pass per group instead of one pass per qubit: 5 passes for 20 qubits.
-* Runs of CX gates are one precomputed gather (a CNOT chain permutes basis states).
+* Runs of CX gates are one precomputed permutation (a CNOT chain permutes basis states).
 * Gradients use the adjoint method with reversibility instead of a stored tape: backward
   runs the program in reverse with transposed (= inverse) matrices, carrying the state
   and the cotangent side by side in one buffer, so both share every GEMM and gather.
-  Memory is a handful of state vectors whatever the depth, and nothing is allocated per
-  gate (fresh multi-megabyte tensors cost page faults that dominate at n >= 16).
+  Memory is a handful of state vectors whatever the depth, and nothing state-sized is
+  allocated per gate (an autograd tape allocates and zero-fills several per gate).
   For a group, d<phi, K psi>/d theta_q = <phi_out, (Y'_q / 2) psi_out> with
   Y' = [[0, -1], [1, 0]], because d RY(t)/dt = Y'/2 RY(t) and Y'_q commutes with the
   other factors of K: one small GEMM per group gives every angle of the group.
 
-The results equal ``qiskit.quantum_info.Statevector`` to rounding (1e-12 in float64);
-works on CPU and CUDA.
+The results equal ``qiskit.quantum_info.Statevector`` to rounding (1e-12 in float64).
+Only device-agnostic torch ops are used (CPU and CUDA); the tuning constants were measured
+on CPU.
 """
 
 from __future__ import annotations
@@ -142,11 +143,12 @@ class _Permutation:
 
     torch's CPU index_select is vectorised for 4-byte elements but not for 8-byte ones,
     where scattering with the inverse permutation (index_copy_) measured 2x faster at
-    n = 18..20; so float64 scatters and float32 gathers. Only the index used is kept.
+    n = 18..20; so float64 on CPU scatters, everything else gathers. Only the index used
+    is kept (8 bytes per amplitude).
     """
 
     def __init__(self, source: np.ndarray, dtype: torch.dtype, device: torch.device):
-        self.scatter = dtype.itemsize == 8
+        self.scatter = dtype.itemsize == 8 and device.type == "cpu"
         if self.scatter:
             target = np.empty_like(source)
             target[source] = np.arange(source.size)
