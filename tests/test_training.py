@@ -62,7 +62,7 @@ def test_update_every_one_is_exact_joint_training(tiny_llama_dir, data_files):
     model.zero_grad(set_to_none=True)
     probs = generator.backend.probabilities(generator.theta)
     generator._p_leaf = probs  # feed the live graph instead of the held copy
-    method.current = generator()
+    method._set_current(generator())
     model(**batch).loss.backward()
     assert torch.allclose(windowed, generator.theta.grad, atol=1e-10, rtol=1e-7)
     assert windowed.abs().max() > 0

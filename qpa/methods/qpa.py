@@ -27,18 +27,17 @@ ADAPTER = "default"
 
 
 class _GeneratedSlice(nn.Module):
-    """Parametrisation: weight = frozen initial weight + a slice of the generated values."""
+    """Parametrisation: weight = frozen initial weight + this weight's generated values."""
 
-    def __init__(self, owner: QPAMethod, offset: int, shape: torch.Size):
+    def __init__(self, owner: QPAMethod, index: int, shape: torch.Size):
         super().__init__()
         # A plain attribute, not a submodule: the owner is not part of the model tree.
         object.__setattr__(self, "owner", owner)
-        self.offset = offset
+        self.index = index
         self.shape = shape
-        self.size = math.prod(shape)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        values = self.owner.current[self.offset : self.offset + self.size]
+        values = self.owner.pieces[self.index]
         return original + values.view(self.shape).to(original.dtype)
 
 
@@ -75,14 +74,13 @@ class QPAMethod(AdapterMethod):
             self.config.backend, self.generator.circuit, self.config.quantum, device=str(device)
         )
         self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
-        self.current = torch.zeros(num_values, device=device)
-        offset = 0
-        for _, layer in self.weights:
+        self.sizes = [layer.weight.numel() for _, layer in self.weights]
+        self._set_current(torch.zeros(num_values, device=device))
+        for index, (_, layer) in enumerate(self.weights):
             layer.weight.requires_grad_(False)
             parametrize.register_parametrization(
-                layer, "weight", _GeneratedSlice(self, offset, layer.weight.shape)
+                layer, "weight", _GeneratedSlice(self, index, layer.weight.shape)
             )
-            offset += layer.weight.numel()
         # PEFT's random A (B is zero): kept so a resumed job rebuilds the same weights.
         self.initial_weights = {
             name: layer.parametrizations.weight.original.detach().cpu().clone()
@@ -90,6 +88,12 @@ class QPAMethod(AdapterMethod):
         }
         self._pending_grad: torch.Tensor | None = None
         return self.model
+
+    def _set_current(self, values: torch.Tensor) -> None:
+        # Split once per step: every weight then reads its own view, and backward joins the
+        # pieces with one concatenation instead of one full-length zero buffer per weight.
+        self.current = values
+        self.pieces = values.split(self.sizes)
 
     def trainable_modules(self) -> dict[str, nn.Module | nn.Parameter]:
         return {"generator": self.generator}
@@ -108,7 +112,7 @@ class QPAMethod(AdapterMethod):
             if self._pending_grad is not None:
                 self.generator.restore_accumulated_gradient(self._pending_grad)
                 self._pending_grad = None
-        self.current = self.generator()
+        self._set_current(self.generator())
 
     def before_optimizer_step(self, step: int, last_step: bool) -> None:
         if last_step:
@@ -123,7 +127,7 @@ class QPAMethod(AdapterMethod):
         if not self.generator._fresh:
             self.generator.refresh(with_gradient=False)
         with torch.no_grad():
-            self.current = self.generator().detach()
+            self._set_current(self.generator().detach())
 
     def extra_state(self) -> dict[str, Any]:
         grad = self.generator.accumulated_gradient()
