@@ -276,8 +276,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"sum(w * p) through torch; median of {settings['updates']} interleaved updates after "
         "a warm-up. \"ours faster by\" compares each Qiskit ML path with our backend on the "
         "same simulator (Aer with Aer, Runtime local mode with Runtime local mode). Gradient "
-        "error is the max |difference| from the exact gradient (shot noise; the fake "
-        "backend adds its device noise).",
+        "error: median over the updates of the max |difference| from the exact gradient "
+        "(shot noise; the fake backend adds its device noise).",
         "", markdown_table(headers, rows), "",
         f"Raw timings: `bench/results/{NAME}.json`.",
     ])
