@@ -28,9 +28,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[service,dev,bench]'
 	$(BIN)/python -m bench.run_all --quick
 
 bench-full: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[service,dev,bench]'
 	$(BIN)/python -m bench.run_all
 
 clean:

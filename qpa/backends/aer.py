@@ -32,7 +32,12 @@ class AerBackend(QuantumBackend):
         super().__init__(circuit)
         self.options = options
         self.shots = options.shots
-        self._simulator = AerSimulator(method="statevector")
+        # Aer's default (every core, for experiments and shots) was about 8x slower per
+        # angle update on a busy 2-core machine (bench/results/gradient_paths.json); below
+        # Aer's own statevector-parallel threshold of 14 qubits one thread is the faster.
+        threads = 1 if circuit.num_qubits < 14 else 0  # 0 = Aer's choice
+        backend_options = {"max_parallel_threads": threads}
+        self._simulator = AerSimulator(method="statevector", **backend_options)
         # Transpiled once, never per call, to a basis of uncontrolled rotations plus CX:
         # that unrolls the custom "rbs" gate (opaque to Aer) and, on purpose, also the CRY
         # inside it. qiskit-aer 0.18.2 silently ignores ``parameter_binds`` for controlled
@@ -54,7 +59,9 @@ class AerBackend(QuantumBackend):
             compiled = pass_manager.run(measured)
             # No fixed sampler seed: each job gets its own seed drawn from options.seed, so
             # runs are reproducible but successive jobs do not repeat one random stream.
-            self._sampler = SamplerV2(default_shots=self.shots)
+            self._sampler = SamplerV2(
+                default_shots=self.shots, options={"backend_options": backend_options}
+            )
             self._seeds = np.random.default_rng(options.seed)
         self.compiled = compiled
         self._columns = parameter_columns(circuit, compiled)
