@@ -5,6 +5,7 @@ never imports the service."""
 from __future__ import annotations
 
 import logging
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def finetune(
     from qpa.training import finetune as run_finetune
 
     logging.basicConfig(level=logging.WARNING)
+    # peft 0.21 calls a transformers method renamed in 5.x; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
     try:
         config = load_config(config_path)
     except ConfigError as error:
