@@ -180,6 +180,10 @@ def _make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # With WAL, NORMAL stays consistent across crashes (only a power loss can drop
+            # the last commits) and halves a commit's cost: 1.46 -> 0.59 ms measured by
+            # bench/bench_service.py's profiling, which found submissions bound by commits.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
