@@ -156,3 +156,17 @@ def test_qpa_on_smollm2_uses_fewer_parameters_than_lora(data_files):
     generator = method.generator
     expected = generator.angle_count + sum(p.numel() for p in generator.mlps.parameters())
     assert report["trainable_params"] == expected
+
+
+def test_rbs_ansatz_trains_identically_on_statevector_and_aer(tiny_llama_dir, data_files,
+                                                               tmp_path):
+    """The Hamming-weight-preserving ansatz (4-term shift rule on Aer) end to end."""
+    results = {}
+    for backend in ("statevector", "aer"):
+        config = tiny_config(tiny_llama_dir, data_files, backend=backend, steps=3,
+                             qpa={"ansatz": "rbs", "depth": 2})
+        results[backend] = finetune(config, tmp_path / backend)
+    assert results["aer"]["num_qubits"] == results["statevector"]["num_qubits"]
+    loss_sv, loss_aer = (results[b]["eval_loss_after"] for b in ("statevector", "aer"))
+    assert loss_sv != results["statevector"]["eval_loss_before"]
+    assert abs(loss_sv - loss_aer) <= 1e-6
