@@ -156,9 +156,14 @@ def test_backends(http: httpx.Client) -> None:
 
 
 def test_metrics(http: httpx.Client) -> None:
+    assert http.get("/v1/backends").status_code == 200
+    assert http.get("/v1/jobs/does-not-exist").status_code == 404
     response = http.get("/metrics")
     assert response.status_code == 200
     text = response.text
     for name in ("qpa_jobs{status=\"queued\"}", "qpa_job_queue_wait_seconds_bucket",
                  "qpa_step_seconds_count", "qpa_http_requests_total"):
         assert name in text, name
+    # Requests are counted by route template (not raw path) and by status.
+    assert 'method="GET",route="/v1/backends",status="200"' in text
+    assert 'method="GET",route="/v1/jobs/{job_id}",status="404"' in text
