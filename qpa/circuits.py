@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 from qiskit.circuit import Gate, ParameterVector, QuantumCircuit
-from qiskit.circuit.library import RYGate
 
 
 def qpa_ansatz(num_qubits: int, depth: int, name: str = "qpa") -> QuantumCircuit:
@@ -93,4 +92,4 @@ def basis_bits(num_qubits: int) -> np.ndarray:
     return (1 - 2 * bits).astype(np.float32)
 
 
-__all__ = ["RYGate", "basis_bits", "build_ansatz", "qpa_ansatz", "rbs_ansatz", "support_size"]
+__all__ = ["basis_bits", "build_ansatz", "qpa_ansatz", "rbs_ansatz", "support_size"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -35,16 +36,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(state_dir: Path, payload: dict[str, Any], config: JobConfig) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
     write_json(state_dir / "config.json", config.model_dump(mode="json"))
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint.", dir=state_dir)
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, state_dir / CHECKPOINT)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(state_dir / CHECKPOINT, buffer.getvalue())
 
 
 def load_checkpoint(state_dir: Path) -> dict[str, Any] | None:

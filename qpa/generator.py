@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qpa.backends.base import QuantumBackend, jacobian_from_shifts, shift_rule_for, shifted_bindings
-from qpa.circuits import build_ansatz, support_size
+from qpa.circuits import basis_bits, build_ansatz, support_size
 from qpa.errors import QuantumBudgetExceeded
 
 
@@ -95,9 +95,8 @@ class QPAGenerator(nn.Module):
         else:
             states = np.arange(2**self.num_qubits)
         states = states[: self.chunks_per_sub]
-        bits = ((states[:, None] >> np.arange(self.num_qubits)[None, :]) & 1).astype(np.float32)
         self.register_buffer("state_index", torch.as_tensor(states, dtype=torch.long))
-        self.register_buffer("state_bits", torch.as_tensor(1 - 2 * bits))
+        self.register_buffer("state_bits", torch.as_tensor(basis_bits(self.num_qubits)[states]))
         self.backend: QuantumBackend | None = None
         self.max_seconds: float | None = None
         self._p_leaf: torch.Tensor | None = None

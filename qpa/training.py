@@ -9,7 +9,6 @@ returned as is, so a redelivered task is harmless.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
@@ -28,8 +27,6 @@ from qpa.export import load_checkpoint, model_card, save_checkpoint, write_json
 from qpa.methods import method_class
 from qpa.methods.base import AdapterMethod
 from qpa.models import load_base_model, resolve_target_modules
-
-log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -299,18 +296,10 @@ def _perplexity(loss: float | None) -> float | None:
 def finetune(config: JobConfig, output_dir: str | Path, *,
              on_event: EventSink | None = None,
              should_stop: Callable[[], bool] | None = None,
-             resume: bool = True, progress: bool = False) -> dict[str, Any]:
+             resume: bool = True) -> dict[str, Any]:
     """Run one fine-tuning job into ``output_dir`` and return its metrics.
 
     Raises ConfigError (before training) for bad input, JobCancelled when ``should_stop``
     turned True (after checkpointing), QuantumBudgetExceeded past ``quantum.max_seconds``.
-    ``progress`` logs one line per step through the ``qpa.training`` logger.
     """
-    sink = on_event
-    if progress:
-        def sink(event: dict[str, Any]) -> None:
-            if event["type"] == "step":
-                log.info("step %s/%s loss %.4f", event["step"], event["total_steps"], event["loss"])
-            if on_event is not None:
-                on_event(event)
-    return Trainer(config, output_dir, on_event=sink, should_stop=should_stop).run(resume)
+    return Trainer(config, output_dir, on_event=on_event, should_stop=should_stop).run(resume)

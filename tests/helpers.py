@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,3 @@ BLOCKED_IMPORTS_PRELUDE = textwrap.dedent(
         raise SystemExit("qiskit must not be importable here")
     """
 )
-
-
-def python_executable() -> str:
-    return sys.executable

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import BLOCKED_IMPORTS_PRELUDE, PROBE_IDS, LogitTrainer, python_executable, tiny_config
+from helpers import BLOCKED_IMPORTS_PRELUDE, PROBE_IDS, LogitTrainer, tiny_config
 
 
 def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
         torch.save(logits, {str(out)!r})
         """
     )
-    result = subprocess.run([python_executable(), "-c", script], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
@@ -55,11 +56,7 @@ def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, me
     assert metrics["eval_loss_after"] != metrics["eval_loss_before"]
     reloaded = _load_in_clean_process(model_dir, adapter, tmp_path)
     tolerance = 1e-4 if method == "compound" else 1e-5  # the issues' bounds
-    assert (reloaded - trained_logits(trainer)).abs().max().item() <= tolerance
-
-
-def trained_logits(trainer: LogitTrainer) -> torch.Tensor:
-    return trainer.trained_logits
+    assert (reloaded - trainer.trained_logits).abs().max().item() <= tolerance
 
 
 def test_output_folder_layout(tiny_llama_dir, data_files, tmp_path):

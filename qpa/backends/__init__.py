@@ -13,8 +13,6 @@ from qpa.backends.base import QuantumBackend, QuantumUsage
 from qpa.config import QuantumOptions
 from qpa.errors import ConfigError
 
-SIMULATORS = ("statevector", "aer")
-
 
 def backend_qubit_limit(spec: str) -> int | None:
     """How many qubits the named backend offers (None: limited only by memory)."""
@@ -62,4 +60,4 @@ def make_backend(spec: str, circuit: QuantumCircuit, options: QuantumOptions,
     raise ConfigError("backend", f"unknown backend {spec!r}")
 
 
-__all__ = ["SIMULATORS", "QuantumBackend", "QuantumUsage", "check_width", "make_backend"]
+__all__ = ["QuantumBackend", "QuantumUsage", "check_width", "make_backend"]

@@ -7,7 +7,6 @@ gradient by parameter shift costs one job, not 2P.
 
 from __future__ import annotations
 
-import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -171,7 +170,3 @@ def counts_to_probabilities(counts: dict[str, int], num_qubits: int) -> np.ndarr
         probs[int(bitstring, 2)] += count
     return probs / max(total, 1)
 
-
-def qubits_needed(num_values: int) -> int:
-    """Smallest n with 2^n >= num_values (at least 1)."""
-    return max(1, math.ceil(math.log2(max(num_values, 1))))
