@@ -9,7 +9,7 @@ are interleaved within every repeat so background load hits all of them alike, a
 median over repeats is reported with the ratio compound / OFT.
 
     python bench/bench_compound_vs_oft.py          # -> bench/results/compound_vs_oft.json
-    python bench/bench_compound_vs_oft.py --quick  # 2 shapes -> ..._quick.json
+    python bench/bench_compound_vs_oft.py --quick  # 2 shapes, same file, settings.quick
 
 Threads default to 1 on CPU: on a shared machine several intra-op threads make timings of
 small kernels erratic; pass ``--threads`` to measure otherwise (it is recorded in the JSON).
@@ -25,12 +25,12 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -41,11 +41,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import format_ratio, git_commit, markdown_table  # noqa: E402
 from qpa.config import CompoundOptions  # noqa: E402
 from qpa.methods.compound.layer import CompoundLinear  # noqa: E402
 from qpa.methods.compound.minors import plan_layout  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+NAME = "compound_vs_oft"  # results file, for bench.run_all
+SECTION = "compound-vs-oft"  # the generated block of docs/BENCHMARKS.md
 
 
 @dataclass(frozen=True)
@@ -153,14 +156,6 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> dic
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine(device: torch.device) -> dict:
     out = {
         "platform": platform.platform(),
@@ -191,6 +186,32 @@ def print_table(rows: list[dict]) -> None:
           "oft-CN = Cayley-Neumann (PEFT default)")
 
 
+def render_markdown(results: dict[str, Any]) -> str:
+    """The docs/BENCHMARKS.md section for this script's JSON."""
+    rows = []
+    for case in results["cases"]:
+        median = case["median_ms"]
+        rows.append([case["label"], f"{case['in_features']}x{case['out_features']}",
+                     case["tokens"], case["blocks"], "".join(map(str, case["orders"])),
+                     f"{median['base']:.2f}", f"{median['compound']:.2f}",
+                     f"{median['oft_exact']:.2f}", f"{median['oft_neumann']:.2f}",
+                     format_ratio(case["ratio_vs_oft_exact"]),
+                     format_ratio(case["ratio_vs_oft_neumann"])])
+    machine = results.get("machine", {})
+    versions = results.get("versions", {})
+    head = (f"Measured {results.get('date', '')[:16].replace('T', ' ')} UTC "
+            f"({'quick' if results.get('settings', {}).get('quick') else 'full'} mode) on "
+            f"{machine.get('processor')} ({machine.get('cpu_count')} cores, "
+            f"{machine.get('torch_threads')} torch thread(s), {machine.get('device')}), "
+            f"torch {versions.get('torch')}, peft {versions.get('peft')}. Median ms of "
+            "forward+backward of one adapted linear layer; ratios are compound / OFT "
+            "(below 1 = ours faster).")
+    table = markdown_table(
+        ["case", "shape", "tokens", "blocks", "orders", "bare layer", "compound", "OFT (Cayley)",
+         "OFT (Cayley-Neumann)", "compound / OFT", "compound / OFT-CN"], rows)
+    return f"{head}\n\n{table}\n\nRaw timings: `bench/results/compound_vs_oft*.json`."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, few repeats")
@@ -208,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = QUICK_CASES if args.quick else FULL_CASES
     repeats = args.repeats or (5 if args.quick else 21)
     warmup = 2 if args.quick else 3
-    out = args.out or RESULTS / ("compound_vs_oft_quick.json" if args.quick
-                                 else "compound_vs_oft.json")
+    out = args.out or RESULTS / f"{NAME}.json"
 
     rows = [run_case(case, device, repeats, warmup) for case in cases]
     print_table(rows)
@@ -222,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "peft": peft.__version__,
             "transformers": transformers.__version__,
-            "qpa_commit": _git_commit(),
+            "qpa_commit": git_commit(),
         },
         "settings": {"quick": args.quick, "repeats": repeats, "warmup": warmup,
                      "dtype": "float32"},

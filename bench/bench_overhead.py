@@ -67,6 +67,7 @@ from bench.common import (
     machine_line,
     markdown_table,
     print_table,
+    pyplot,
     results_path,
     thread_env,
     write_json,
@@ -341,9 +342,9 @@ def profile_steps(variants: dict[str, Variant], batches: list[dict[str, torch.Te
     saved.sort(key=lambda row: -row["ms"])
     totals = {name: sum(op["self_cpu_ms"] for op in ops.values())
               for name, ops in tables.items()}
-    # Ops on tensors as long as the whole generated vector: each LoRA weight's slice of it
-    # gets a full-length gradient buffer in backward (zero-fill + accumulate), so this cost
-    # grows with (number of adapted weights) x (generated values).
+    # Ops on tensors as long as the whole generated vector. This was the largest overhead
+    # while each LoRA weight sliced that vector (one zero-filled full-length gradient buffer
+    # per weight); QPAMethod now splits it once per step, and this line tracks the remainder.
     full_vector = [{"op": key, **value} for key, value in tables["qpa_u1"].items()
                    if f"[[{num_values}]" in key]
     return {"top_lora": ranked(tables["lora"]), "top_qpa_u1": ranked(tables["qpa_u1"]),
@@ -708,26 +709,18 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"tensors instead of the generator's {tensors.get('qpa_u1', '?')}) take "
                   f"{profile['lora_extra_ms']:.1f} ms. Of QPA's step, "
                   f"{profile['full_vector_ops_ms']:.1f} ms go to operations on full-length "
-                  f"copies of the generated vector: one zero-filled gradient buffer per "
-                  f"adapted LoRA weight in backward, a cost that grows with (adapted weights) x "
-                  f"(generated values)."]
+                  f"tensors (the generator's output and its gradient, split once per step "
+                  f"into the adapted weights)."]
     lines += ["", f"![QPA overhead](../bench/results/{NAME}.png)", "",
               f"Raw timings: `bench/results/{NAME}.json`."]
     return "\n".join(lines)
 
 
-render = render_markdown  # the name bench_qnn_speed uses, for run_all
-
 
 def plot(results: dict[str, Any]) -> Path | None:
     """Stacked per-phase step time of every variant, and peak memory beside it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     timing = results["timing"]["variants"]
     names = [n for n in VARIANTS if n in timing]

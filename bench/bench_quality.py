@@ -41,7 +41,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from bench.common import (
     machine_line,
     markdown_table,
     print_table,
+    pyplot,
     results_path,
     write_json,
 )
@@ -557,18 +557,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-render = render_markdown  # the name bench_qnn_speed uses, for run_all
-
 
 def plot(results: dict[str, Any]) -> Path | None:
     """Eval loss (mean ± std over seeds) against trainable parameters, base as a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     rows = results["summary"]["rows"]
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)

@@ -73,6 +73,7 @@ from bench.common import (
     markdown_table,
     package_versions,
     print_table,
+    pyplot,
     results_path,
     write_json,
 )
@@ -1057,8 +1058,6 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-render = render_markdown
-
 
 def _worker_cpu_note(results: dict[str, Any]) -> str:
     phases = results.get("worker_cpu_during_phases") or {}
@@ -1070,15 +1069,10 @@ def _worker_cpu_note(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any]) -> Path | None:
     """p50 and p99 read latency, and submissions per second, against concurrency."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
     levels = results["settings"]["concurrency"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     for name, style in (("status", "o-"), ("healthz", "s--"), ("bare", "^:")):

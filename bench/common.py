@@ -203,10 +203,8 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
 # -- plots ---------------------------------------------------------------------------------
 
 
-def plot_lines(name: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-               title: str, xlabel: str, ylabel: str, logy: bool = True,
-               note: str | None = None) -> Path | None:
-    """Write ``bench/results/<name>.png``; returns None when matplotlib is missing."""
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if missing."""
     try:
         import matplotlib
 
@@ -214,6 +212,16 @@ def plot_lines(name: str, series: dict[str, tuple[Sequence[float], Sequence[floa
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_lines(name: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+               title: str, xlabel: str, ylabel: str, logy: bool = True,
+               note: str | None = None) -> Path | None:
+    """Write ``bench/results/<name>.png``; returns None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
     for label, (xs, ys) in series.items():

@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ from bench import setup_peers
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
-    format_ratio,
     machine_facts,
-    markdown_table,
     print_table,
     write_json,
 )
@@ -97,48 +94,6 @@ def run_script(name: str, quick: bool) -> dict[str, Any]:
 # -- rendering --------------------------------------------------------------------------
 
 
-def _latest(*names: str) -> dict[str, Any] | None:
-    paths = [RESULTS_DIR / f"{name}.json" for name in names]
-    paths = [path for path in paths if path.exists()]
-    if not paths:
-        return None
-    return json.loads(max(paths, key=lambda path: path.stat().st_mtime).read_text())
-
-
-def render_compound_vs_oft() -> str | None:
-    """Table for bench_compound_vs_oft.py's JSON (that script defines no renderer)."""
-    results = _latest("compound_vs_oft", "compound_vs_oft_quick")
-    if results is None:
-        return None
-    rows = []
-    for case in results["cases"]:
-        median = case["median_ms"]
-        rows.append([case["label"], f"{case['in_features']}x{case['out_features']}",
-                     case["tokens"], case["blocks"], "".join(map(str, case["orders"])),
-                     f"{median['base']:.2f}", f"{median['compound']:.2f}",
-                     f"{median['oft_exact']:.2f}", f"{median['oft_neumann']:.2f}",
-                     format_ratio(case["ratio_vs_oft_exact"]),
-                     format_ratio(case["ratio_vs_oft_neumann"])])
-    machine = results.get("machine", {})
-    versions = results.get("versions", {})
-    head = (f"Measured {results.get('date', '')[:16].replace('T', ' ')} UTC "
-            f"({'quick' if results.get('settings', {}).get('quick') else 'full'} mode) on "
-            f"{machine.get('processor')} ({machine.get('cpu_count')} cores, "
-            f"{machine.get('torch_threads')} torch thread(s), {machine.get('device')}), "
-            f"torch {versions.get('torch')}, peft {versions.get('peft')}. Median ms of "
-            "forward+backward of one adapted linear layer; ratios are compound / OFT "
-            "(below 1 = ours faster).")
-    table = markdown_table(
-        ["case", "shape", "tokens", "blocks", "orders", "bare layer", "compound", "OFT (Cayley)",
-         "OFT (Cayley-Neumann)", "compound / OFT", "compound / OFT-CN"], rows)
-    return f"{head}\n\n{table}\n\nRaw timings: `bench/results/compound_vs_oft*.json`."
-
-
-FALLBACK_RENDERERS: dict[str, tuple[str, Callable[[], str | None]]] = {
-    "bench_compound_vs_oft": ("compound-vs-oft", render_compound_vs_oft),
-}
-
-
 def rendered_sections(scripts: list[str]) -> dict[str, str]:
     """Section name -> markdown, for every script whose results exist."""
     sections: dict[str, str] = {}
@@ -156,11 +111,6 @@ def rendered_sections(scripts: list[str]) -> dict[str, str]:
                     sections[module.SECTION] = renderer(json.loads(path.read_text()))
                 except Exception as error:
                     print(f"   rendering {name} failed: {error}", file=sys.stderr)
-        elif name in FALLBACK_RENDERERS:
-            section, fallback = FALLBACK_RENDERERS[name]
-            text = fallback()
-            if text:
-                sections[section] = text
     return sections
 
 
