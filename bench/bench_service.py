@@ -282,13 +282,15 @@ class Stack:
         return self.processes[name].pid
 
     def stop(self) -> None:
+        from services.embedded import terminate_group
+
         # API first (no new work), then the worker (warm shutdown), then the broker.
         for name in ("api", "peer", "worker", "redis"):
             process = self.processes.pop(name, None)
             if process is not None:
-                _terminate(process, 30 if name == "worker" else 10)
+                terminate_group(process, 30 if name == "worker" else 10)
         for process in self.processes.values():
-            _terminate(process, 10)
+            terminate_group(process, 10)
         self.processes.clear()
 
 
@@ -297,20 +299,6 @@ def _uvicorn_command(app: str, port: int, factory: bool = False) -> list[str]:
     return [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
             "--timeout-graceful-shutdown", "5"]
-
-
-def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the child's process group (a Celery worker has a pool child), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-    except ProcessLookupError:
-        pass
 
 
 def _pings(client: Any) -> bool:

@@ -118,6 +118,22 @@ def _wait_for_api(url: str, processes: dict[str, subprocess.Popen[bytes]],
     raise RuntimeError(f"the API did not become healthy at {url}")
 
 
+def terminate_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM a child's whole process group (a Celery worker has a pool child), then
+    SIGKILL after ``grace`` seconds. For harnesses that started the child with
+    ``start_new_session=True`` (tests, benchmarks)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    except ProcessLookupError:
+        pass
+
+
 def _stop(name: str, process: subprocess.Popen[bytes], sig: int, grace: float) -> None:
     if process.poll() is not None:
         return

@@ -14,7 +14,7 @@ import httpx
 
 from services import store
 from services.client import QPAClient
-from services.embedded import free_port
+from services.embedded import free_port, terminate_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -123,23 +123,10 @@ class ServiceStack:
 
     def stop(self) -> None:
         for name, process in list(self.workers.items()):
-            _terminate(process, 30)
+            terminate_group(process, 30)
             self.workers.pop(name)
         if self.api is not None:
-            _terminate(self.api, 10)
-
-
-def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-    except ProcessLookupError:
-        pass
+            terminate_group(self.api, 10)
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
