@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import qpa
+from qpa.backends.base import QuantumUsage
 from qpa.config import JobConfig
 from qpa.data import StepBatches, fixed_batches, read_jsonl, tokenize_records
 from qpa.errors import JobCancelled
@@ -153,8 +154,7 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         backend = getattr(self.method, "backend", None)
         if backend is not None and payload.get("quantum_usage"):
-            backend.usage.load({key: payload["quantum_usage"][key]
-                                for key in ("jobs", "circuits", "shots", "seconds")})
+            backend.usage.load(payload["quantum_usage"])
         self.eval_loss_before = payload["eval_loss_before"]
         self.losses = list(payload.get("losses", []))
         self.train_seconds = payload.get("train_seconds", 0.0)
@@ -253,7 +253,7 @@ class Trainer:
         report = self.method.quantum_report()
         if report is None:
             return None
-        return {key: report[key] for key in ("jobs", "circuits", "shots", "seconds")}
+        return {key: report[key] for key in QuantumUsage().as_dict()}
 
     def _finish(self, wall_start: float) -> dict[str, Any]:
         config = self.config

@@ -35,8 +35,10 @@ class QuantumUsage:
         return asdict(self)
 
     def load(self, data: dict) -> None:
-        for key, value in data.items():
-            setattr(self, key, type(getattr(self, key))(value))
+        """Restore counters from a dict that holds them (extra keys, e.g. a report's, ignored)."""
+        for name in self.as_dict():
+            if name in data:
+                setattr(self, name, type(getattr(self, name))(data[name]))
 
 
 @dataclass(frozen=True)
