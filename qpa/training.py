@@ -28,6 +28,7 @@ from qpa.export import load_checkpoint, model_card, save_checkpoint, write_json
 from qpa.methods import method_class
 from qpa.methods.base import AdapterMethod
 from qpa.models import load_base_model, resolve_target_modules
+from qpa.tracking import TensorBoardLog
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -68,6 +69,7 @@ class Trainer:
         self._sink = on_event
         self.should_stop = should_stop or (lambda: False)
         self.method: AdapterMethod | None = None
+        self.tracker: TensorBoardLog | None = None
 
     # -- events -----------------------------------------------------------------------
     def emit(self, event_type: str, **fields: Any) -> None:
@@ -75,6 +77,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "events.jsonl").open("a") as stream:
             stream.write(json.dumps(event) + "\n")
+        if self.tracker is not None:
+            self.tracker.record(event)
         if self._sink is not None:
             self._sink(event)
 
@@ -192,8 +196,13 @@ class Trainer:
         self.eval_loss_before: float | None = None
         try:
             self._prepare()
+            self.tracker = TensorBoardLog.for_job(
+                self.output_dir / "tensorboard", self.config,
+                resume_step=int(payload["step"]) if payload else None)
             return self._train(payload, wall_start)
         finally:
+            if self.tracker is not None:
+                self.tracker.close()
             if self.method is not None:
                 self.method.close()
 
