@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import CurrentKey
 from api.metrics import StoreCollector
-from api.routes import backends, files, jobs
+from api.routes import backends, files, jobs, ui
 from qpa.errors import ConfigError
 from services.artifacts import ArtifactStore
 from services.backends import apply_ibm_settings
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(backends.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", ui.static_files(), name="ui-static")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(request: Request) -> JSONResponse:
