@@ -239,8 +239,9 @@ async function jobView(jobId, signal) {
   const errorBox = h("div", { id: "job-error" });
   const config = h("pre", { id: "job-config", class: "code" });
   const card = h("pre", { class: "code model-card" });
-  const cardDetails = h("details", { id: "model-card", hidden: true, ontoggle: () => loadModelCard() },
+  const cardDetails = h("details", { id: "model-card", ontoggle: () => loadModelCard() },
     h("summary", {}, "Model card (README.md of the PEFT adapter)"), card);
+  const cardSection = h("section", { class: "card", hidden: true }, cardDetails);
   const eventsBody = h("tbody");
   const eventsTitle = h("summary", {}, "Events");
   main.replaceChildren(h("article", { class: "job", "data-job-id": jobId },
@@ -251,7 +252,7 @@ async function jobView(jobId, signal) {
     part("job-chart", "Loss", chart),
     part("job-results-card", "Results", results),
     part("job-config-card", "Config", config),
-    h("section", { class: "card" }, cardDetails),
+    cardSection,
     h("section", { class: "card" }, h("details", { id: "job-events" }, eventsTitle,
       h("div", { class: "table-wrap" }, h("table", { class: "events" },
         h("thead", {}, h("tr", {}, ["#", "Time", "Type", "What"].map((name) => h("th", {}, name)))),
@@ -293,7 +294,7 @@ async function jobView(jobId, signal) {
     errorBox.replaceChildren(...(job.error ? [h("pre", { class: "alert code", role: "alert" }, job.error)] : []));
     results.replaceChildren(resultsTable(job.metrics));
     config.textContent = yamlDump(job.config, { lineWidth: 100 });
-    cardDetails.hidden = job.status !== "succeeded";
+    cardSection.hidden = job.status !== "succeeded";
     renderActions();
   }
 
@@ -310,7 +311,8 @@ async function jobView(jobId, signal) {
         }
       } }, "Cancel job"));
     }
-    const formats = job.config?.export?.formats ?? ["peft"];
+    // Every export format the job was asked for; a failed or cancelled job has none.
+    const formats = ["failed", "cancelled"].includes(job.status) ? [] : job.config?.export?.formats ?? ["peft"];
     for (const format of formats) {
       const ready = job.status === "succeeded";
       buttons.push(h("button", { class: "download", "data-format": format, disabled: !ready,
@@ -348,7 +350,7 @@ async function jobView(jobId, signal) {
   const draw = () => {
     drawPending = false;
     const sorted = (map) => [...map.entries()].sort((a, b) => a[0] - b[0]);
-    renderLossChart(chart, { train: sorted(trainLoss), evaluation: sorted(evalLoss), totalSteps: job.progress.total_steps });
+    renderLossChart(chart, { train: sorted(trainLoss), evaluation: sorted(evalLoss) });
     eventsTitle.textContent = `Events (${events.length})`;
     eventsBody.replaceChildren(...events.slice(-200).map(eventRow));
   };

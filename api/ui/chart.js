@@ -9,6 +9,16 @@ const WIDTH = 760;
 const HEIGHT = 300;
 const MARGIN = { top: 16, right: 20, bottom: 40, left: 62 };
 const MAX_MARKERS = 400; // beyond this the train series is a line without dots
+const MAX_LINE_POINTS = 2000; // about the chart's width in device pixels
+
+// Every k-th point and the last one: a long run's line keeps its shape at screen resolution.
+function thin(points, limit) {
+  if (points.length <= limit) return points;
+  const stride = Math.ceil(points.length / limit);
+  const kept = points.filter((_, index) => index % stride === 0);
+  if (kept.at(-1) !== points.at(-1)) kept.push(points.at(-1));
+  return kept;
+}
 
 function s(tag, attrs = {}, text) {
   const element = document.createElementNS(SVG, tag);
@@ -32,8 +42,9 @@ function ticks(low, high, count) {
 
 const format = (value) => (Math.abs(value) >= 100 ? value.toFixed(0) : Number(value.toPrecision(3)).toString());
 
-// train, evaluation: arrays of [step, loss] sorted by step; totalSteps sets the x range.
-export function renderLossChart(container, { train, evaluation, totalSteps }) {
+// train, evaluation: arrays of [step, loss] sorted by step. The x axis spans the steps
+// seen so far (a running job's curve uses the whole width, as in TensorBoard).
+export function renderLossChart(container, { train, evaluation }) {
   const svg = s("svg", {
     viewBox: `0 0 ${WIDTH} ${HEIGHT}`,
     class: "loss-chart",
@@ -49,9 +60,15 @@ export function renderLossChart(container, { train, evaluation, totalSteps }) {
     container.replaceChildren(svg);
     return svg;
   }
-  const maxStep = Math.max(totalSteps || 0, ...all.map(([step]) => step), 1);
-  let low = Math.min(...all.map(([, loss]) => loss));
-  let high = Math.max(...all.map(([, loss]) => loss));
+  // Loops, not Math.max(...points): spreading a long series overflows the call stack.
+  let maxStep = 1;
+  let low = Infinity;
+  let high = -Infinity;
+  for (const [step, loss] of all) {
+    maxStep = Math.max(maxStep, step);
+    low = Math.min(low, loss);
+    high = Math.max(high, loss);
+  }
   const pad = (high - low) * 0.08 || Math.abs(high) * 0.05 || 1;
   low -= pad;
   high += pad;
@@ -79,7 +96,8 @@ export function renderLossChart(container, { train, evaluation, totalSteps }) {
   const series = (points, name, radius, markers) => {
     const group = s("g", { class: `series ${name}` });
     if (points.length > 1) {
-      group.append(s("polyline", { points: points.map(([step, loss]) => `${x(step)},${y(loss)}`).join(" ") }));
+      const line = thin(points, MAX_LINE_POINTS);
+      group.append(s("polyline", { points: line.map(([step, loss]) => `${x(step)},${y(loss)}`).join(" ") }));
     }
     if (markers) {
       for (const [step, loss] of points) {
