@@ -60,6 +60,15 @@ class PageErrors:
             self.errors.append(f"console: {message.text}")
 
 
+def screenshot(page: Page, path: Path, down_to: str) -> None:
+    """The page from the top down to the bottom of the element ``down_to``."""
+    box = page.locator(down_to).bounding_box()  # relative to the scrolled viewport
+    assert box is not None, f"{down_to} is not on the page"
+    bottom = page.evaluate("window.scrollY") + box["y"] + box["height"] + 24
+    page.screenshot(path=str(path), full_page=True,
+                    clip={"x": 0, "y": 0, "width": page.viewport_size["width"], "height": bottom})
+
+
 def sign_in(page: Page, url: str, key: str) -> None:
     page.goto(f"{url}/ui")
     page.fill("#api-key", key)
@@ -131,7 +140,7 @@ def test_dashboard_round_trip(stack: ServiceStack, browser: Browser, tiny_llama_
     expect(page.locator("#job-config")).to_contain_text("backend: statevector")
     page.click("#model-card summary")
     expect(page.locator("#model-card pre")).to_contain_text("QPA adapter for")
-    page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
+    screenshot(page, shots / "dashboard-job.png", "#job-chart")
 
     # The download button hands over the same adapter archive as the REST API.
     with page.expect_download() as download_info:
@@ -151,7 +160,7 @@ def test_dashboard_round_trip(stack: ServiceStack, browser: Browser, tiny_llama_
     row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
     expect(row.locator(".badge")).to_have_text("succeeded")
     expect(row).to_contain_text(f"{STEPS} / {STEPS}")
-    page.screenshot(path=str(shots / "dashboard-jobs.png"), full_page=True)
+    screenshot(page, shots / "dashboard-jobs.png", "#jobs-table")
     page.select_option("#status-filter", "cancelled")
     expect(page.locator("#jobs-empty")).to_contain_text("No cancelled jobs")
 
