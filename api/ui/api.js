@@ -39,9 +39,11 @@ async function errorMessage(response) {
   } catch {
     // not JSON: fall through to the status line
   }
-  const detail = body?.detail ?? body?.error?.message ?? body?.message;
+  // The API answers {"detail": "<what is wrong>"}; other shapes are read as well as can be.
+  const detail = body?.detail ?? body?.error?.message ?? body?.error ?? body?.message;
   if (typeof detail === "string") return detail;
   if (Array.isArray(detail)) return detail.map((item) => item?.msg ?? JSON.stringify(item)).join("; ");
+  if (detail && typeof detail === "object") return detail.message ?? detail.msg ?? JSON.stringify(detail);
   return `HTTP ${response.status} ${response.statusText}`.trim();
 }
 
