@@ -7,6 +7,9 @@ everything a client sees about a job is read from here.
 Leases make redelivery safe: a worker runs a job only after atomically taking its lease,
 renews it by heartbeat, and every write it makes afterwards is conditional on still
 holding it. A job whose lease went stale (its worker died) is handed back to the queue.
+
+The schema is owned by Alembic (``services/migrations``): ``Store()`` upgrades the
+database to the newest revision, so a database made by an older version keeps working.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import secrets
 import socket
 import threading
@@ -35,6 +39,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -45,6 +50,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 KEY_PREFIX = "qpa_"
+# Largest value an id or cursor may take: SQLite's INTEGER and PostgreSQL's BIGINT.
+MAX_SEQ = 2**63 - 1
+_ID_PATTERN = re.compile(r"[a-z]+-[0-9a-f]{24}")
 
 
 def utcnow() -> datetime:
@@ -54,6 +62,13 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """Whether ``value`` has the shape of an id ``new_id(prefix)`` makes. Lookups answer
+    "not found" for anything else without sending it to the database (a NUL byte or a
+    10 kB string is no id, and PostgreSQL would refuse the former)."""
+    return value.startswith(f"{prefix}-") and _ID_PATTERN.fullmatch(value) is not None
 
 
 def hash_key(key: str) -> str:
@@ -74,6 +89,25 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    def state(self, now: datetime) -> str:
+        """``active``, ``revoked`` or ``expired`` (at ``now``, naive UTC)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def problem(self, now: datetime) -> str | None:
+        """Why this key may not be used at ``now`` (None: it may)."""
+        state = self.state(now)
+        if state == "revoked":
+            return f"API key {self.id} was revoked at {self.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
+        if state == "expired":
+            return f"API key {self.id} expired at {self.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        return None
 
 
 class File(Base):
@@ -150,7 +184,7 @@ class Store:
         self.url = database_url
         self.engine = _make_engine(database_url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        _create_tables(self.engine)
+        migrate(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -191,12 +225,41 @@ def _make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _create_tables(engine: Engine) -> None:
+MIGRATIONS = Path(__file__).with_name("migrations")
+FIRST_REVISION = "0001"
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema revision (Alembic, ``services/migrations``).
+
+    A database created before migrations existed (by ``create_all``) holds the first
+    revision's tables without Alembic's version table: it is stamped, then upgraded.
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
     # api and workers may start together against a fresh database; the loser of the
-    # CREATE TABLE race just sees the tables exist on its second look.
+    # race sees the winner's tables (or version row) on its next look.
     for attempt in range(3):
         try:
-            Base.metadata.create_all(engine)
+            with engine.begin() as connection:
+                config.attributes["connection"] = connection
+                tables = set(inspect(connection).get_table_names())
+                if "api_keys" in tables and "alembic_version" not in tables:
+                    command.stamp(config, FIRST_REVISION)
+                command.upgrade(config, "head")
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:
@@ -221,18 +284,38 @@ def get_store(database_url: str) -> Store:
 # --- API keys ---------------------------------------------------------------------------
 
 
-def create_api_key(session: Session, name: str = "") -> tuple[ApiKey, str]:
+def create_api_key(session: Session, name: str = "",
+                   expires_at: datetime | None = None) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the plaintext key (shown once, stored hashed)."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(id=new_id("key"), name=name, key_hash=hash_key(plaintext),
-                 prefix=plaintext[:8])
+                 prefix=plaintext[:8], expires_at=expires_at)
     session.add(row)
     session.flush()
     return row, plaintext
 
 
 def find_api_key(session: Session, plaintext: str) -> ApiKey | None:
+    """The key with this plaintext, whatever its state (``ApiKey.problem`` tells)."""
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext)))
+
+
+def get_api_key(session: Session, key_id: str) -> ApiKey | None:
+    if not is_id(key_id, "key"):
+        return None
+    return session.get(ApiKey, key_id)
+
+
+def list_api_keys(session: Session) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)).all()
+
+
+def revoke_api_key(session: Session, key: ApiKey) -> ApiKey:
+    """Revoke a key (from now on it gets 401); revoking it again keeps the first time."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
 
 
 # --- files ------------------------------------------------------------------------------
@@ -248,6 +331,8 @@ def create_file(session: Session, *, file_id: str, owner_id: str, filename: str,
 
 def get_file(session: Session, file_id: str, owner_id: str) -> File | None:
     """The file if it exists and belongs to ``owner_id`` (else None: callers answer 404)."""
+    if not is_id(file_id, "file"):
+        return None
     return session.scalar(select(File).where(File.id == file_id, File.owner_id == owner_id))
 
 
@@ -275,6 +360,8 @@ def create_job(session: Session, *, owner_id: str, config: dict[str, Any]) -> Jo
 
 def get_job(session: Session, job_id: str, owner_id: str | None = None) -> Job | None:
     """The job, or None when it does not exist or is not ``owner_id``'s."""
+    if not is_id(job_id, "job"):
+        return None
     query = select(Job).where(Job.id == job_id)
     if owner_id is not None:
         query = query.where(Job.owner_id == owner_id)
