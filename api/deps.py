@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.errors import RequestError
 from services import store
 from services.artifacts import ArtifactStore
 from services.settings import Settings
@@ -47,17 +48,23 @@ def get_current_key(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> store.ApiKey:
+    """The caller's key; 401 when it is missing, unknown, revoked or expired (checked on
+    every call, so revoking a key takes effect at once)."""
+    challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise HTTPException(
+        raise RequestError(
             status.HTTP_401_UNAUTHORIZED,
             "missing API key: send 'Authorization: Bearer <key>' (create one with "
-            "`qpa keys create`)",
-            headers={"WWW-Authenticate": "Bearer"},
+            "`qpa keys create`)", headers=challenge,
         )
     key = store.find_api_key(session, credentials.credentials)
     if key is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise RequestError(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers=challenge)
+    problem = key.problem(store.utcnow())
+    if problem:
+        raise RequestError(status.HTTP_401_UNAUTHORIZED,
+                           f"{problem}; create a new one with `qpa keys create`",
+                           headers=challenge)
     return key
 
 

@@ -1,8 +1,8 @@
 """The FastAPI application: ``uvicorn api.main:app`` (or ``create_app(settings)``).
 
 Wires settings, the job store, the artifact store and the Celery publisher into
-``app.state`` at start-up (lifespan), mounts the routers, maps library errors to 4xx JSON
-(``{"detail": ...}`` naming the problem) and serves /healthz and /metrics.
+``app.state`` at start-up (lifespan), mounts the routers, answers every error as JSON
+``{"detail": ..., "field": ...}`` (``api.errors``) and serves /healthz and /metrics.
 """
 
 from __future__ import annotations
@@ -10,23 +10,27 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import CurrentKey
+from api.errors import (
+    JSON_BODY_LIMIT,
+    MULTIPART_OVERHEAD,
+    BodyLimit,
+    ServiceRoute,
+    add_error_handlers,
+)
 from api.metrics import StoreCollector
-from api.routes import backends, files, jobs, ui
-from qpa.errors import ConfigError
+from api.routes import backends, files, jobs, keys, ui
+from api.schemas import Health, error_responses
 from services.artifacts import ArtifactStore
 from services.backends import apply_ibm_settings
-from services.jobs import NotFoundError
 from services.logs import configure_logging
 from services.queue import make_celery
 from services.settings import Settings, get_settings
@@ -56,24 +60,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Submit hybrid quantum-classical fine-tuning jobs, watch them, download "
         "stock PEFT adapters. Every call but /healthz needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
-        # Uploads are the only large bodies; the files route checks the exact limit.
-        max_body_size=settings.max_upload_bytes + 1024 * 1024,
     )
+    app.router.route_class = ServiceRoute
     app.state.settings = settings
     app.state.registry = CollectorRegistry()
     requests_total = Counter("qpa_http_requests", "HTTP requests by route and status",
                              ["method", "route", "status"], registry=app.state.registry)
 
+    # Uploads are the only large bodies; the files route checks the file's exact size.
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(BodyLimit, limit_for=lambda scope: upload_limit if (
+        scope["method"] == "POST" and scope["path"] == "/v1/files") else JSON_BODY_LIMIT)
     app.add_middleware(RequestCounter, counter=requests_total)
 
-    _add_error_handlers(app)
+    add_error_handlers(app)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(backends.router)
+    app.include_router(keys.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], response_model=Health,
+             responses={503: {"model": Health, "description": "The database or the "
+                              "broker does not answer."}})
     async def healthz(request: Request) -> JSONResponse:
         """Liveness and readiness: the database and the broker answer. No key needed."""
         checks = await anyio.to_thread.run_sync(_health_checks, request.app)
@@ -81,7 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "degraded", **checks},
                             status_code=200 if healthy else 503)
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses={
+        **error_responses(401),
+        200: {"description": "Prometheus text exposition format.",
+              "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     def metrics(_: CurrentKey) -> Response:
         """Prometheus metrics: jobs by status, queue wait, step time, quantum usage."""
         return Response(generate_latest(app.state.registry), media_type=CONTENT_TYPE_LATEST)
@@ -137,38 +150,6 @@ def _health_checks(app: FastAPI) -> dict[str, str]:
     except Exception as error:
         checks["broker"] = f"error after {time.monotonic() - started:.1f}s: {error}"
     return checks
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ConfigError)
-    async def config_error(_: Request, error: ConfigError) -> JSONResponse:
-        return JSONResponse({"detail": f"{error.field}: {error.reason}", "field": error.field},
-                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-    @app.exception_handler(NotFoundError)
-    async def not_found(_: Request, error: NotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": error.detail}, status_code=status.HTTP_404_NOT_FOUND)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        # One readable sentence naming the first problem, plus the full list for tools.
-        errors = error.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = f"malformed JSON: {first.get('ctx', {}).get('error', message)}"
-        elif first.get("type") == "missing":
-            message = "is required"
-        detail = f"{where}: {message}" if where else message
-        return JSONResponse({"detail": detail, "errors": _plain(errors)},
-                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
-def _plain(errors: Any) -> Any:
-    # Validation errors can carry exceptions in ctx; keep them JSON-serialisable.
-    return [{key: (str(value) if key == "ctx" else value) for key, value in item.items()
-             if key != "input"} for item in errors]
 
 
 app = create_app()

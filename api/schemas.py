@@ -16,8 +16,58 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 class ErrorResponse(BaseModel):
+    """Every 4xx (and the 503s) the service answers."""
+
     detail: str = Field(description="What is wrong, naming the field or id at fault.")
-    field: str | None = Field(default=None, description="Config field at fault, if any.")
+    field: str | None = Field(
+        default=None, description="The part of the request at fault: a config key "
+        "(`lora.r`), a parameter (`after`, `last-event-id`), `body` or `file`; null when "
+        "no single part is (a missing key, an unknown id in the path).")
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="422 from request validation only: every problem found, "
+        "as pydantic reports them.")
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The body could not be read (malformed multipart framing).",
+    401: "Missing, unknown, revoked or expired API key.",
+    404: "No such object for this API key (also ids owned by other keys).",
+    409: "The object is not in a state that allows this.",
+    410: "The object's files are gone from the artifact store.",
+    413: "The request body, or the uploaded file, is over the size limit.",
+    422: "Invalid parameters or body; `detail` and `field` name the first problem.",
+    503: "The job queue cannot be reached.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses, all ``ErrorResponse``."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+            for code in codes}
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str = Field(description="`ok`, or the error the database gave.")
+    broker: str = Field(description="`ok`, or the error the broker gave.")
+
+
+class KeyObject(BaseModel):
+    """An API key's record (never the key itself: only its hash is stored)."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    prefix: str = Field(description="The key's first characters, to recognise it by.")
+    created_at: datetime
+    expires_at: datetime | None = Field(description="After this the key gets 401.")
+    revoked_at: datetime | None = Field(description="When it was revoked (it then gets 401).")
+
+    @classmethod
+    def of(cls, row: store.ApiKey) -> KeyObject:
+        return cls(id=row.id, name=row.name, prefix=row.prefix,
+                   created_at=_aware(row.created_at), expires_at=_aware(row.expires_at),
+                   revoked_at=_aware(row.revoked_at))
 
 
 class FileObject(BaseModel):

@@ -66,6 +66,11 @@ def iter_jsonl(path: str | Path, field: str = "train_file") -> Iterator[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ConfigError(field, f"line {number}: invalid JSON ({error.msg})") from None
+            except RecursionError:
+                # The C parser stops at the interpreter's recursion limit; no record
+                # nests more than three levels, so such a line is never a record.
+                raise ConfigError(field, f"line {number}: JSON nested too deeply "
+                                  "(a record nests at most three levels)") from None
             yield _check_record(record, f"line {number}", field)
 
 

@@ -12,13 +12,13 @@ Layout under the artifact directory (shared by the api and every worker, e.g. a 
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import IO
 
+from qpa.data import validate_jsonl
 from qpa.errors import ConfigError
 
 CHUNK = 1024 * 1024
@@ -65,11 +65,11 @@ class ArtifactStore:
                     size += len(chunk)
                     if size > max_bytes:
                         raise UploadTooLarge(
-                            f"file is larger than the {max_bytes}-byte upload limit"
+                            f"larger than the {max_bytes}-byte upload limit"
                         )
                     out.write(chunk)
             try:
-                records = validate_jsonl(tmp)
+                records = validate_jsonl(tmp, field="file")
             except ConfigError as error:
                 # The client knows its file by its own name, not our temporary one.
                 raise ConfigError("file", error.reason.replace(str(tmp), "the file")) from None
@@ -95,60 +95,3 @@ class ArtifactStore:
         finally:
             Path(tmp_name).unlink(missing_ok=True)
         return archive
-
-
-def validate_jsonl(path: str | Path) -> int:
-    """Count the records of a training JSONL file, raising ConfigError naming the bad line.
-
-    The rule lives in qpa (``qpa.data.validate_jsonl``); this falls back to the same rule
-    when the library predates it.
-    """
-    try:
-        from qpa.data import validate_jsonl as library_validate
-    except ImportError:
-        return _validate_jsonl_fallback(Path(path))
-    return library_validate(path, field="file")
-
-
-def _validate_jsonl_fallback(path: Path) -> int:
-    records = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise ConfigError("file", f"line {number}: not UTF-8 text") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError("file", f"line {number}: not valid JSON ({error.msg})") from None
-            problem = _record_problem(record)
-            if problem:
-                raise ConfigError("file", f"line {number}: {problem}")
-            records += 1
-    if records == 0:
-        raise ConfigError("file", "has no records (expected one JSON object per line)")
-    return records
-
-
-def _record_problem(record: object) -> str | None:
-    if not isinstance(record, dict):
-        return "must be a JSON object"
-    if "text" in record:
-        return None if isinstance(record["text"], str) else '"text" must be a string'
-    if "prompt" in record or "completion" in record:
-        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-            return None
-        return '"prompt" and "completion" must both be strings'
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return '"messages" must be a non-empty list'
-        for message in messages:
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                return 'each message needs string "role" and "content"'
-        return None
-    return 'needs "text", "prompt" and "completion", or "messages"'

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from qpa.config import parse_config
+from qpa.config import JobConfig
 from qpa.errors import ConfigError
 from services import store
 from services.backends import unusable_reason
@@ -22,29 +22,36 @@ class NotFoundError(LookupError):
     """An id that does not exist for this API key (answered 404, never 403: a key must
     not learn which ids other keys own)."""
 
-    def __init__(self, detail: str):
+    def __init__(self, detail: str, field: str | None = None):
         self.detail = detail
+        self.field = field
         super().__init__(detail)
 
 
+# Widest values the job table's columns hold (services.store.Job).
+COLUMN_LIMITS = {"backend": 200, "base_model": 500}
+
+
 def prepare_config(session: Session, settings: Settings, owner_id: str,
-                   body: Any) -> dict[str, Any]:
-    """Validate a job body into the config dict to store. Raises ConfigError or
-    NotFoundError naming the field at fault."""
-    if not isinstance(body, dict):
-        raise ConfigError("config", "must be a JSON object")
-    body = dict(body)
-    body.setdefault("backend", settings.default_backend)
+                   body: JobConfig) -> dict[str, Any]:
+    """Apply server policy to a validated job config and return the config dict to
+    store. Raises ConfigError or NotFoundError naming the field at fault."""
+    config = body.model_copy(deep=True)
+    if "backend" not in config.model_fields_set:
+        config.backend = settings.default_backend
     # output_dir is CLI only: the service chooses the job's folder. A CLI config reused
     # as a REST body keeps working.
-    body.pop("output_dir", None)
-    config = parse_config(body)
+    config.output_dir = None
+    for field, width in COLUMN_LIMITS.items():
+        value = getattr(config, field)
+        if len(value) > width or "\x00" in value:
+            raise ConfigError(field, f"must be at most {width} characters, without NUL")
 
     for field in ("train_file", "eval_file"):
         file_id = getattr(config, field)
         if file_id is not None and store.get_file(session, file_id, owner_id) is None:
             raise NotFoundError(f"{field}: no uploaded file {file_id!r} (upload it with "
-                                "POST /v1/files and pass the returned id)")
+                                "POST /v1/files and pass the returned id)", field)
 
     reason = unusable_reason(config.backend, settings)
     if reason:

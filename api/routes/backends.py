@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import CurrentKey, SettingsDep
-from api.schemas import BackendList, BackendObject
+from api.errors import ServiceRoute
+from api.schemas import BackendList, BackendObject, error_responses
 from services.backends import list_backends
 
-router = APIRouter(prefix="/v1/backends", tags=["backends"])
+router = APIRouter(prefix="/v1/backends", tags=["backends"], route_class=ServiceRoute,
+                   responses=error_responses(401))
 
 
 @router.get("", response_model=BackendList)

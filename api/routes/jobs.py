@@ -8,17 +8,26 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Header, Query, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
 
 from api.deps import ArtifactsDep, CeleryDep, CurrentKey, SessionDep, SettingsDep
-from api.schemas import JOB_BODY_EXAMPLE, ErrorResponse, EventList, EventObject, JobList, JobObject
+from api.errors import RequestError, ServiceRoute
+from api.schemas import (
+    JOB_BODY_EXAMPLE,
+    EventList,
+    EventObject,
+    JobList,
+    JobObject,
+    error_responses,
+)
+from qpa.config import JobConfig
 from services import store
 from services.jobs import prepare_config
 from services.queue import enqueue_job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-NOT_FOUND = {404: {"model": ErrorResponse}}
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ServiceRoute,
+                   responses=error_responses(401))
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 
@@ -26,23 +35,23 @@ SSE_KEEPALIVE_SECONDS = 15.0
 def _owned_job(session: Any, job_id: str, owner_id: str) -> store.Job:
     job = store.get_job(session, job_id, owner_id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+        raise RequestError(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
     return job
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobObject,
-             responses={**NOT_FOUND, 422: {"model": ErrorResponse},
-                        503: {"model": ErrorResponse}})
+             responses=error_responses(400, 404, 413, 422, 503))
 def create_job(
-    body: Annotated[dict[str, Any], Body(
+    config: Annotated[JobConfig, Body(
         description="A job config (the same schema as `qpa finetune`'s YAML) with "
-        "`train_file`/`eval_file` set to uploaded file ids.",
+        "`train_file`/`eval_file` set to uploaded file ids. `output_dir` is ignored; a "
+        "missing `backend` is the server's default.",
         examples=[JOB_BODY_EXAMPLE])],
     key: CurrentKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
 ) -> JobObject:
     """Validate the config, store the job as `queued` and hand it to the workers."""
-    config = prepare_config(session, settings, key.id, body)
-    job = store.create_job(session, owner_id=key.id, config=config)
+    stored = prepare_config(session, settings, key.id, config)
+    job = store.create_job(session, owner_id=key.id, config=stored)
     # Commit before publishing: a worker may pick the message up at once.
     session.commit()
     try:
@@ -53,13 +62,13 @@ def create_job(
         store.add_event(session, job.id, {"type": "status", "status": "failed",
                                           "message": job.error})
         session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"job queue unavailable ({error}); job {job.id} was not started"
-                            ) from None
+        raise RequestError(status.HTTP_503_SERVICE_UNAVAILABLE,
+                           f"job queue unavailable ({error}); job {job.id} was not started"
+                           ) from None
     return JobObject.of(job)
 
 
-@router.get("", response_model=JobList, responses=NOT_FOUND)
+@router.get("", response_model=JobList, responses=error_responses(404, 422))
 def list_jobs(
     key: CurrentKey, session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
@@ -71,34 +80,58 @@ def list_jobs(
     """Jobs of this API key, newest first."""
     page = store.list_jobs(session, key.id, limit=limit, after=after, status=status_filter)
     if page is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"after: no job {after!r}")
+        raise RequestError(status.HTTP_404_NOT_FOUND, f"after: no job {after!r}", "after")
     rows, has_more = page
     data = [JobObject.of(job) for job in rows]
     return JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                    last_id=data[-1].id if data else None)
 
 
-@router.get("/{job_id}", response_model=JobObject, responses=NOT_FOUND)
+@router.get("/{job_id}", response_model=JobObject, responses=error_responses(404, 422))
 def get_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
     """Status, progress (step, loss, eval loss), quantum usage, timestamps, metrics."""
     return JobObject.of(_owned_job(session, job_id, key.id))
 
 
+# One server-sent event, as OpenAPI before 3.2 describes a stream's items: a job event
+# (`id`, `event` = its type, `data` = the EventObject as JSON), or the final `end`.
+SSE_EVENT_SCHEMA = {"oneOf": [
+    {"type": "object", "required": ["id", "event", "data"], "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string", "not": {"const": "end"}},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": "#/components/schemas/EventObject"}}}},
+    {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": "end"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["status"], "properties": {
+                     "status": {"enum": sorted(store.TERMINAL_STATUSES)}}}}}},
+]}
+
+
 @router.get("/{job_id}/events", response_model=EventList, responses={
-    **NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
+    **error_responses(404, 422),
+    200: {"description": "A page of events (JSON), or with `stream=true` (or `Accept: "
+          "text/event-stream`) server-sent events: `id: <event id>`, `event: <type>`, "
+          "`data: <event JSON>`, and a final `event: end` once the job has ended.",
+          "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}})
 def job_events(
     job_id: str, request: Request, key: CurrentKey, session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Return events with id > after.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int, Query(ge=0, le=store.MAX_SEQ,
+                                description="Return events with id > after.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
     stream: Annotated[bool, Query(description="Server-sent events until the job ends "
                                   "(also chosen by `Accept: text/event-stream`).")] = False,
-    accept: Annotated[str, Header()] = "",
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    # Typed int, not int | None: the header is an integer when present, and absent is
+    # its only "none" (the schema would otherwise invite `Last-Event-ID: null`).
+    last_event_id: Annotated[int, Header(
+        alias="Last-Event-ID", ge=0, le=store.MAX_SEQ,
+        description="SSE reconnection: the last event id seen (overrides `after`).")] = None,
 ) -> Any:
     """Progress events: a page (`after`, `limit`), or a live SSE stream that replays
     from `after` (or `Last-Event-ID`) and ends once the job is finished."""
     _owned_job(session, job_id, key.id)
-    if stream or "text/event-stream" in accept:
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
         cursor = last_event_id if last_event_id is not None else after
         return StreamingResponse(_event_stream(request, job_id, cursor),
                                  media_type="text/event-stream",
@@ -138,33 +171,35 @@ async def _event_stream(request: Request, job_id: str, cursor: int) -> AsyncIter
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject,
-             responses={**NOT_FOUND, 409: {"model": ErrorResponse}})
+             responses=error_responses(404, 409, 422))
 def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
     """Stop a job: a queued one at once, a running one within one training step (its last
     checkpoint is kept). Cancelling a cancelled job is a no-op."""
     job = _owned_job(session, job_id, key.id)
     if job.status in ("succeeded", "failed"):
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"job {job_id} already {job.status}; nothing to cancel")
+        raise RequestError(status.HTTP_409_CONFLICT,
+                           f"job {job_id} already {job.status}; nothing to cancel")
     return JobObject.of(store.request_cancel(session, job))
 
 
 @router.get("/{job_id}/adapter", response_class=FileResponse,
-            responses={**NOT_FOUND, 409: {"model": ErrorResponse},
-                       200: {"content": {"application/gzip": {}}}})
+            responses={**error_responses(404, 409, 410, 422),
+                       200: {"description": "`adapter/…` (stock PEFT) as a .tar.gz.",
+                             "content": {"application/gzip": {
+                                 "schema": {"type": "string", "format": "binary"}}}}})
 def download_adapter(job_id: str, key: CurrentKey, session: SessionDep,
                      artifacts: ArtifactsDep, settings: SettingsDep) -> FileResponse:
     """The stock PEFT adapter folder as `adapter/…` in a .tar.gz, once the job succeeded."""
     job = _owned_job(session, job_id, key.id)
     if job.status != "succeeded":
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"job {job_id} is {job.status}; the adapter is available once "
-                            "it has succeeded")
+        raise RequestError(status.HTTP_409_CONFLICT,
+                           f"job {job_id} is {job.status}; the adapter is available once "
+                           "it has succeeded")
     try:
         archive = artifacts.adapter_archive(job_id)
     except FileNotFoundError:
-        raise HTTPException(status.HTTP_410_GONE,
-                            f"job {job_id}'s adapter is missing from the artifact store "
-                            f"({settings.resolved_artifact_dir})") from None
+        raise RequestError(status.HTTP_410_GONE,
+                           f"job {job_id}'s adapter is missing from the artifact store "
+                           f"({settings.resolved_artifact_dir})") from None
     return FileResponse(archive, media_type="application/gzip",
                         filename=f"{job_id}-adapter.tar.gz")

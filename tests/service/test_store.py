@@ -124,11 +124,12 @@ def test_jobs_are_private_and_paginated(db: store.Store) -> None:
     (b'{"prompt": "a"}\n', "line 1"),
     (b'\xff\xfe\n', "line 1"),
     (b"", "no records"),
+    (b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 2: JSON nested"),
 ])
 def test_upload_validation_names_the_line(tmp_path: Path, content: bytes, message: str) -> None:
     artifacts = ArtifactStore(tmp_path)
     with pytest.raises(ConfigError) as caught:
-        artifacts.save_upload("file-x", io.BytesIO(content), max_bytes=10_000)
+        artifacts.save_upload("file-x", io.BytesIO(content), max_bytes=1_000_000)
     assert caught.value.field == "file" and message in caught.value.reason
     assert str(tmp_path) not in caught.value.reason
     assert list((tmp_path / "files").iterdir()) == []
@@ -164,6 +165,52 @@ def test_events_are_made_json_safe() -> None:
              "nested": [{"x": float("inf")}]}
     assert _json_safe(event) == {"loss": None, "step": 3, "lr": 0.5, "nested": [{"x": None}]}
     json.dumps(_json_safe(event), allow_nan=False)
+
+
+def test_a_database_from_before_migrations_is_upgraded(tmp_path: Path) -> None:
+    """A database made by create_all before Alembic (no version table, no key lifecycle
+    columns) is stamped and upgraded; its keys keep working and can now be revoked."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, store.FIRST_REVISION)
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(text(
+            "INSERT INTO api_keys (id, name, key_hash, prefix, created_at) VALUES "
+            "('key-0123456789abcdef01234567', 'old', :hash, 'qpa_old', '2026-01-01')"),
+            {"hash": store.hash_key("qpa_old-key")})
+    assert "revoked_at" not in {column["name"] for column in inspect(engine).get_columns(
+        "api_keys")}
+    engine.dispose()
+
+    db = store.Store(url)
+    with db.session() as session:
+        key = store.find_api_key(session, "qpa_old-key")
+        assert key is not None and key.state(store.utcnow()) == "active"
+        store.revoke_api_key(session, key)
+    with db.session() as session:
+        assert store.find_api_key(session, "qpa_old-key").state(store.utcnow()) == "revoked"
+        version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    db.dispose()
+    assert version == store.head_revision()
+    store.Store(url).dispose()  # at head: nothing to do, no error
+
+
+def test_ids_are_checked_before_the_database_sees_them(db: store.Store) -> None:
+    owner, job_id = _job(db)
+    assert store.is_id(job_id, "job") and not store.is_id(job_id, "file")
+    with db.session() as session:
+        for bad in ("job-nope", job_id + "\x00", job_id.upper(), "job-" + "0" * 10_000, ""):
+            assert store.get_job(session, bad, owner) is None
+            assert store.get_file(session, bad.replace("job", "file"), owner) is None
+        assert store.list_jobs(session, owner, limit=1, after=job_id + "\x00") is None
 
 
 def test_pid_alive() -> None:
