@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from services.client import APIError, QPAClient
 
@@ -30,7 +30,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _client() -> QPAClient:
-    return QPAClient()
+    return QPAClient(on_retry=lambda message: err.print(f"[yellow]{message}[/yellow]"))
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -48,22 +48,90 @@ def serve(
     raise typer.Exit(run_embedded(host, port))
 
 
-@keys_app.command("create")
-def keys_create(
-    name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
-) -> None:
-    """Create an API key and print it (it is shown once; only its hash is stored)."""
+def _open_store() -> Any:
     from services import store
     from services.settings import get_settings
 
     settings = get_settings()
-    db = store.Store(settings.resolved_database_url)
+    return store.Store(settings.resolved_database_url), settings.resolved_database_url
+
+
+def _positive_days(days: float | None) -> float | None:
+    if days is not None and not days > 0:
+        raise typer.BadParameter("must be a number of days above 0")
+    return days
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
+    expires: Annotated[float | None, typer.Option(
+        metavar="DAYS", callback=_positive_days,
+        help="Days until the key expires (default: never).")] = None,
+) -> None:
+    """Create an API key and print it (it is shown once; only its hash is stored)."""
+    from datetime import timedelta
+
+    from services import store
+
+    db, url = _open_store()
+    expires_at = store.utcnow() + timedelta(days=expires) if expires is not None else None
     with db.session() as session:
-        row, plaintext = store.create_api_key(session, name)
+        row, plaintext = store.create_api_key(session, name, expires_at=expires_at)
     db.dispose()
-    err.print(f"created key {row.id} ({name or 'unnamed'}) in {settings.resolved_database_url}; "
+    until = f", expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+    err.print(f"created key {row.id} ({name or 'unnamed'}{until}) in {url}; "
               "export it as QPA_API_KEY")
     print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every key of the server's database: id, name, prefix, expiry, state."""
+    from services import store
+
+    db, _ = _open_store()
+    now = store.utcnow()
+    with db.session() as session:
+        rows = [{"id": row.id, "name": row.name, "prefix": row.prefix,
+                 "created_at": _iso(row.created_at), "expires_at": _iso(row.expires_at),
+                 "revoked_at": _iso(row.revoked_at),
+                 "state": row.state(now)}
+                for row in store.list_api_keys(session)]
+    db.dispose()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(Column("id", no_wrap=True, min_width=28), "name", "prefix",
+                  Column("expires", min_width=10), "state")
+    for row in rows:
+        table.add_row(row["id"], row["name"] or "-", row["prefix"] + "…",
+                      (row["expires_at"] or "never")[:10], row["state"])
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key-…).")]) -> None:
+    """Revoke a key: every call made with it gets 401 from now on."""
+    from services import store
+
+    db, url = _open_store()
+    with db.session() as session:
+        row = store.get_api_key(session, key_id)
+        if row is not None:
+            store.revoke_api_key(session, row)
+            revoked_at = row.revoked_at
+    db.dispose()
+    if row is None:
+        err.print(f"[red]error:[/red] no key {key_id!r} in {url} (see `qpa keys list`)")
+        raise typer.Exit(1)
+    err.print(f"revoked {key_id} at {revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.isoformat(timespec="seconds") + "Z" if moment is not None else None
 
 
 @jobs_app.command("submit")
