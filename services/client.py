@@ -5,38 +5,65 @@
     for event in client.stream_events(job["id"]):     # server-sent events until it ends
         print(event["type"], event["data"])
     client.download_adapter(job["id"], "adapters/")
+
+Connection failures are retried with exponential backoff (tenacity), a bounded number of
+times, then reported as ``APIError`` with status 0; a dropped event stream reconnects from
+the last event it delivered (``after``), and the count starts again after each event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from httpx_sse import ServerSentEvent, connect_sse
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
+# Requests whose repetition is harmless; any other request is retried only when the
+# connection could not be made (so it was not sent).
+IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE"})
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class APIError(Exception):
-    """The server answered with an error; ``detail`` is its explanation."""
+    """The server answered with an error (or, status 0, could not be reached);
+    ``detail`` is its explanation."""
 
     def __init__(self, status_code: int, detail: str):
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"HTTP {status_code}: {detail}")
+        super().__init__(f"HTTP {status_code}: {detail}" if status_code else detail)
 
 
 class QPAClient:
+    """``retries`` reconnection attempts after a failed connection, waiting ``backoff``
+    seconds before the first and doubling up to ``max_backoff``; ``on_retry`` hears one
+    sentence per wait (the CLI prints it)."""
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, *, retries: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 8.0, on_retry: Callable[[str], None] | None = None):
         self.base_url = (base_url or os.environ.get("QPA_API_URL") or DEFAULT_API_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("QPA_API_KEY")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.on_retry = on_retry
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
@@ -51,12 +78,29 @@ class QPAClient:
 
     # -- plumbing ----------------------------------------------------------------------
 
+    def _retrying(self, what: str, retry_on: tuple[type[Exception], ...]) -> Retrying:
+        def announce(state: RetryCallState) -> None:
+            if self.on_retry is not None and state.outcome is not None:
+                wait = state.next_action.sleep if state.next_action else 0.0
+                self.on_retry(f"{what}: {state.outcome.exception()}; retrying in {wait:.3g}s "
+                              f"(attempt {state.attempt_number + 1} of {self.retries + 1})")
+
+        return Retrying(stop=stop_after_attempt(self.retries + 1),
+                        wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
+                        retry=retry_if_exception_type(retry_on), before_sleep=announce,
+                        reraise=True)
+
+    def _unreachable(self, error: Exception) -> APIError:
+        return APIError(0, f"cannot reach {self.base_url} ({error}) after {self.retries + 1} "
+                        "attempts; is `qpa serve` running and QPA_API_URL right?")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        retry_on = (httpx.TransportError,) if method in IDEMPOTENT else NOT_SENT
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._retrying(f"{method} {path}", retry_on)(
+                self._http.request, method, path, **kwargs)
         except httpx.TransportError as error:
-            raise APIError(0, f"cannot reach {self.base_url} ({error}); is `qpa serve` "
-                           "running and QPA_API_URL right?") from None
+            raise self._unreachable(error) from None
         if response.is_error:
             raise APIError(response.status_code, _detail(response))
         return response
@@ -68,6 +112,14 @@ class QPAClient:
 
     def backends(self) -> dict[str, Any]:
         return self._request("GET", "/v1/backends").json()
+
+    def key(self) -> dict[str, Any]:
+        """The record of the key this client uses (name, prefix, expiry)."""
+        return self._request("GET", "/v1/keys").json()
+
+    def revoke_key(self) -> dict[str, Any]:
+        """Revoke the key this client uses; it gets 401 from now on."""
+        return self._request("DELETE", "/v1/keys").json()
 
     def upload_file(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
@@ -117,48 +169,105 @@ class QPAClient:
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """Events as they happen (server-sent events), ending when the job ends.
 
-        Reconnects from the last event id if the connection drops.
+        A dropped connection is reopened from the last event delivered, with backoff;
+        after ``retries`` failed attempts in a row this raises ``APIError`` (status 0).
         """
-        while True:
-            try:
-                with self._http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events",
-                    params={"stream": "true", "after": after},
-                    headers={"Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(10.0, read=None),
-                ) as response:
-                    if response.is_error:
-                        response.read()
-                        raise APIError(response.status_code, _detail(response))
-                    for kind, data in _parse_sse(response.iter_lines()):
-                        if kind == "end":
-                            return
-                        event = json.loads(data)
-                        after = event["id"]
-                        yield event
-                return
-            except httpx.TransportError:
-                continue
+        stream = _EventStream(self._http, job_id, after)
+        try:
+            while True:
+                retrying = self._retrying(f"event stream of {job_id}", (httpx.TransportError,))
+                try:
+                    event = retrying(stream.next_event)
+                except httpx.TransportError as error:
+                    raise APIError(0, f"lost the event stream of {job_id} and could not get "
+                                   f"it back in {self.retries + 1} attempts ({error}); the "
+                                   f"job goes on on the server: `qpa jobs watch {job_id}` "
+                                   "follows it again") from None
+                if event is None:
+                    return
+                yield event
+        finally:
+            stream.close()
 
     def download_adapter(self, job_id: str, directory: str | Path = ".") -> Path:
         """Download and unpack the adapter; returns the folder PEFT loads from."""
         target = Path(directory) / job_id
-        target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch:
             archive = Path(scratch) / "adapter.tar.gz"
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
-                if response.is_error:
-                    response.read()
-                    raise APIError(response.status_code, _detail(response))
-                with archive.open("wb") as out:
-                    for chunk in response.iter_bytes():
-                        out.write(chunk)
+            try:
+                self._retrying(f"download of {job_id}'s adapter", (httpx.TransportError,))(
+                    self._download, f"/v1/jobs/{job_id}/adapter", archive)
+            except httpx.TransportError as error:
+                raise self._unreachable(error) from None
+            # Only a downloaded adapter makes a folder (an error leaves nothing behind).
+            target.mkdir(parents=True, exist_ok=True)
             with tarfile.open(archive) as tar:
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(target, filter="data")
                 else:  # pragma: no cover - Python without PEP 706 filters
                     tar.extractall(target)  # noqa: S202
         return target / "adapter"
+
+    def _download(self, path: str, destination: Path) -> None:
+        with self._http.stream("GET", path) as response:
+            if response.is_error:
+                response.read()
+                raise APIError(response.status_code, _detail(response))
+            with destination.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+
+
+class _EventStream:
+    """One job's SSE connection, reopened from the last event id after a failure."""
+
+    def __init__(self, http: httpx.Client, job_id: str, after: int):
+        self.http = http
+        self.job_id = job_id
+        self.after = after
+        self._open: contextlib.ExitStack | None = None
+        self._events: Iterator[ServerSentEvent] | None = None
+
+    def next_event(self) -> dict[str, Any] | None:
+        """The next event, or None once the job ended. A transport error closes the
+        connection (the next call opens a new one) and propagates."""
+        try:
+            if self._events is None:
+                self._connect()
+            assert self._events is not None
+            for sse in self._events:
+                if sse.event == "end":
+                    return None
+                if not sse.data:
+                    continue
+                event = sse.json()
+                self.after = event["id"]
+                return event
+            raise httpx.RemoteProtocolError("the server closed the event stream before "
+                                            "the job ended")
+        except httpx.TransportError:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
+        stack = contextlib.ExitStack()
+        try:
+            source = stack.enter_context(connect_sse(
+                self.http, "GET", f"/v1/jobs/{self.job_id}/events",
+                params={"stream": "true", "after": self.after},
+                timeout=httpx.Timeout(10.0, read=None)))
+            if source.response.is_error:
+                source.response.read()
+                raise APIError(source.response.status_code, _detail(source.response))
+        except BaseException:
+            stack.close()
+            raise
+        self._open, self._events = stack, source.iter_sse()
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open.close()
+        self._open = self._events = None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -169,18 +278,3 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])
     return json.dumps(body)
-
-
-def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    kind, data = "message", []
-    for line in lines:
-        if not line:
-            if data:
-                yield kind, "\n".join(data)
-            kind, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())

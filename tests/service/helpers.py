@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from services.embedded import free_port, terminate_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
+# What the fuzz test sent and got back, for the summary line at the end of the run.
+FUZZ_STATS: Counter[str] = Counter()
+FUZZ_OPERATIONS: set[str] = set()
 
 
 def base_env(home: Path, **extra: str) -> dict[str, str]:
@@ -106,6 +110,13 @@ class ServiceStack:
         process = self.workers.pop(name)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+    def kill_api(self) -> None:
+        """SIGKILL the API: open connections drop mid-stream, nothing answers afterwards."""
+        assert self.api is not None
+        os.killpg(self.api.pid, signal.SIGKILL)
+        self.api.wait()
+        self.api = None
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
