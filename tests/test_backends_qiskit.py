@@ -8,7 +8,6 @@ in ``base.py``, its autograd Jacobian; with shots it must agree within a binomia
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -292,11 +291,10 @@ def no_ibm_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
 
 
+@pytest.mark.disable_socket  # fails fast: any network attempt would raise instead
 def test_ibm_without_credentials_fails_fast(no_ibm_credentials, tmp_path) -> None:
-    start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         target_backend_qubits("ibm:ibm_foo")
-    assert time.perf_counter() - start < 2.0  # no network attempt
     assert info.value.field == "backend"
     assert "QISKIT_IBM_TOKEN" in info.value.reason and "save" in info.value.reason
     with pytest.raises(ConfigError):
