@@ -16,7 +16,17 @@ import pytest
 from services.client import QPAClient
 from services.embedded import free_port, redis_server_binary
 
-from .helpers import ServiceStack
+from .helpers import FUZZ_OPERATIONS, FUZZ_STATS, ServiceStack
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FUZZ_STATS["requests"]:
+        statuses = ", ".join(f"{key} {FUZZ_STATS[key]}" for key in sorted(FUZZ_STATS)
+                             if key.endswith("xx"))
+        terminalreporter.write_line(
+            f"fuzz: {len(FUZZ_OPERATIONS)} operations, {FUZZ_STATS['requests']} "
+            f"requests ({statuses}), {FUZZ_STATS['5xx']} server errors, "
+            f"{FUZZ_STATS['failures']} failed checks")
 
 
 @pytest.fixture(scope="session")
