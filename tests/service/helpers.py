@@ -19,6 +19,9 @@ from services.embedded import free_port, terminate_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
+# How long a wait on a state may last before the test calls it a hang. Not a speed
+# claim: on a loaded two-core machine starting an API takes seconds to tens of seconds.
+HANG_GUARD = 300.0
 # What the fuzz test sent and got back, for the summary line at the end of the run.
 FUZZ_STATS: Counter[str] = Counter()
 FUZZ_OPERATIONS: set[str] = set()
@@ -81,7 +84,7 @@ class ServiceStack:
             "--port", str(self.port), "--log-level", "warning",
             "--timeout-graceful-shutdown", "2",
         ])
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_GUARD
         while time.monotonic() < deadline:
             assert self.api.poll() is None, self.log("api")
             try:
@@ -100,7 +103,8 @@ class ServiceStack:
         ])
         self.workers[name] = process
         if wait:
-            wait_for(lambda: " ready." in self.log(name) or process.poll() is not None, 60,
+            wait_for(lambda: " ready." in self.log(name) or process.poll() is not None,
+                     HANG_GUARD,
                      f"worker {name} ready")
             assert process.poll() is None, self.log(name)
         return process
@@ -151,7 +155,7 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -
 
 
 def wait_for_status(client: QPAClient, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-                    timeout: float = 120) -> dict[str, Any]:
+                    timeout: float = HANG_GUARD) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         job = client.get_job(job_id)
         return job if job["status"] in statuses else None
