@@ -5,6 +5,7 @@ never imports the service."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -33,22 +34,42 @@ def finetune(
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o",
                                            help="Overrides the config's output_dir."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint."),
+    nproc: int = typer.Option(
+        1, "--nproc", metavar="N",
+        help="Train with N processes on this machine (torch.distributed data parallel: gloo "
+        "on CPU, NCCL with one GPU each). Under torchrun, leave it out.",
+    ),
 ) -> None:
-    """Run one fine-tuning job in this process, with a progress bar."""
+    """Run one fine-tuning job in this process (or N), with a progress bar."""
+    from qpa.distributed import check_nproc, check_world, torchrun_world_size
     from qpa.training import finetune as run_finetune
 
     logging.basicConfig(level=logging.WARNING)
     # peft 0.21 calls a transformers method renamed in 5.x; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
+    torchrun_world = torchrun_world_size()
     try:
         config = load_config(config_path)
+        check_nproc(nproc)
+        if torchrun_world > 1 and nproc != 1:
+            raise ConfigError("nproc", "under torchrun the process count is torchrun's "
+                              "(--nproc-per-node); leave --nproc out")
+        check_world(config, max(nproc, torchrun_world))
     except ConfigError as error:
         _fail(error)
     target = output_dir or Path(config.output_dir or f"runs/{config_path.stem}")
+    if torchrun_world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        try:  # rank 0 does the talking, errors included
+            _torchrun_rank(config, target, None, resume=not fresh)
+        except QPAError:
+            raise typer.Exit(1) from None
+        return
     where = f" (backend {config.backend})" if config.uses_quantum else ""
+    processes = max(nproc, torchrun_world)
+    on_many = f" on {processes} processes" if processes > 1 else ""
     console.print(f"[bold]{config.method}[/] on [bold]{config.base_model}[/]{where} "
-                  f"for {config.steps} steps -> {target}")
+                  f"for {config.steps} steps{on_many} -> {target}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -73,7 +94,11 @@ def finetune(
 
     try:
         with progress:
-            metrics = run_finetune(config, target, on_event=on_event, resume=not fresh)
+            if torchrun_world > 1:
+                metrics = _torchrun_rank(config, target, on_event, resume=not fresh)
+            else:
+                metrics = run_finetune(config, target, on_event=on_event, resume=not fresh,
+                                       nproc=nproc)
     except ConfigError as error:
         _fail(error)
     except JobCancelled as error:
@@ -83,6 +108,20 @@ def finetune(
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
     _summary(metrics, target)
+
+
+def _torchrun_rank(config: Any, target: Path, on_event: Any, *, resume: bool) -> dict[str, Any]:
+    """This process is one rank of a torchrun launch: join its group and train."""
+    import torch.distributed as dist
+
+    from qpa.distributed import from_torchrun_env
+    from qpa.training import Trainer
+
+    data_parallel = from_torchrun_env(config.train.device)
+    try:
+        return Trainer(config, target, on_event=on_event, data_parallel=data_parallel).run(resume)
+    finally:
+        dist.destroy_process_group()
 
 
 def _fail(error: ConfigError) -> None:
@@ -123,3 +162,7 @@ def _load_plugins() -> None:
 
 
 _load_plugins()
+
+
+if __name__ == "__main__":  # python -m qpa.cli (e.g. under torchrun)
+    app()

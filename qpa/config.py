@@ -135,6 +135,17 @@ class TrainOptions(_Section):
         description="Prompt for the short sample generation after training (None: skip).",
     )
     sample_tokens: Annotated[int, Field(ge=0, le=512)] = 40
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        default="auto",
+        description="bf16: forward passes under torch.autocast in bfloat16 (weights, optimizer "
+        "and the quantum generator stay fp32/fp64); auto: bf16 on a GPU that supports it, "
+        "no (fp32) on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute the base model's activations in backward instead of storing "
+        "them (less memory, about one more forward pass of time).",
+    )
 
 
 class JobConfig(_Section):

@@ -164,13 +164,22 @@ class StepBatches:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+    def examples_for(self, step: int) -> list[Example]:
+        """The examples of step ``step``'s (global) batch, in order."""
         chosen = []
         for offset in range(self.batch_size):
             position = step * self.batch_size + offset
             epoch, index = divmod(position, len(self.examples))
             chosen.append(self.examples[self._order(epoch)[index]])
-        return collate(chosen, self.pad_id)
+        return chosen
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        return collate(self.examples_for(step), self.pad_id)
+
+
+def loss_tokens(examples: list[Example]) -> int:
+    """Tokens a causal LM's loss averages over: labels after the shift that are not ignored."""
+    return sum(1 for ex in examples for label in ex.labels[1:] if label != IGNORE_INDEX)
 
 
 def fixed_batches(examples: list[Example], batch_size: int, max_batches: int,

@@ -4,6 +4,10 @@ Every bad input is found in ``_prepare`` before the first step. The loop checkpo
 every ``train.checkpoint_every`` steps (and on cancel or failure) into ``state/``; a run
 started on a folder that holds a checkpoint resumes from it, and a finished folder is
 returned as is, so a redelivered task is harmless.
+
+With a ``DataParallel`` of N > 1 processes (``qpa.distributed``) every rank runs this same
+loop on its slice of each global batch; rank 0 alone writes events, checkpoints and
+outputs, and decides on cancellation for all.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,16 @@ import torch
 import qpa
 from qpa.backends.base import QuantumUsage
 from qpa.config import JobConfig
-from qpa.data import StepBatches, fixed_batches, read_jsonl, tokenize_records
-from qpa.errors import JobCancelled
+from qpa.data import (
+    StepBatches,
+    collate,
+    fixed_batches,
+    loss_tokens,
+    read_jsonl,
+    tokenize_records,
+)
+from qpa.distributed import SINGLE_PROCESS, DataParallel, check_world
+from qpa.errors import ConfigError, JobCancelled
 from qpa.export import load_checkpoint, model_card, save_checkpoint, write_json
 from qpa.methods import method_class
 from qpa.methods.base import AdapterMethod
@@ -37,6 +50,16 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """``bf16`` or ``no`` for ``train.mixed_precision`` on ``device``."""
+    if requested == "auto":
+        bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_gpu else "no"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision", "this GPU does not support bfloat16; use no")
+    return requested
 
 
 def seed_everything(seed: int) -> None:
@@ -62,8 +85,10 @@ class Trainer:
 
     def __init__(self, config: JobConfig, output_dir: str | Path, *,
                  on_event: EventSink | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None,
+                 data_parallel: DataParallel = SINGLE_PROCESS):
         self.config = config
+        self.data_parallel = data_parallel
         self.output_dir = Path(output_dir)
         self.state_dir = self.output_dir / "state"
         self._sink = on_event
@@ -73,6 +98,8 @@ class Trainer:
 
     # -- events -----------------------------------------------------------------------
     def emit(self, event_type: str, **fields: Any) -> None:
+        if not self.data_parallel.is_main:
+            return  # one job, one log: rank 0 speaks for every rank
         event = {"type": event_type, "time": time.time(), **fields}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "events.jsonl").open("a") as stream:
@@ -84,17 +111,33 @@ class Trainer:
 
     # -- set-up: everything that can be wrong is found here -----------------------------
     def _prepare(self) -> None:
-        config = self.config
+        config, data_parallel = self.config, self.data_parallel
+        check_world(config, data_parallel.world_size)
         train_records = read_jsonl(config.train_file, "train_file")
         if config.eval_file:
             eval_records = read_jsonl(config.eval_file, "eval_file")
         else:
             train_records, eval_records = _split_eval(train_records, config.train.seed)
-        self.device = pick_device(config.train.device)
+        self.device = (data_parallel.device if data_parallel.active
+                       else pick_device(config.train.device))
+        self.mixed_precision = resolve_mixed_precision(config.train.mixed_precision, self.device)
         self.emit("status", message=f"loading base model {config.base_model}")
-        model, self.tokenizer, self.base_model_path = load_base_model(
-            config.base_model, self.device
-        )
+        with data_parallel.main_first():  # a first use converts the model once, on rank 0
+            model, self.tokenizer, self.base_model_path = load_base_model(
+                config.base_model, self.device
+            )
+        if config.train.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError("train.gradient_checkpointing",
+                                  f"{type(model).__name__} does not support it")
+            # Non-reentrant: torch's recommended mode, and correct with a frozen base.
+            # transformers 5 renamed the method (the old name warns); 4.x has only the old.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         self.target_modules = resolve_target_modules(model, config.lora.target_modules)
         self.train_examples = tokenize_records(
             self.tokenizer, train_records, config.train.max_length, "train_file"
@@ -105,8 +148,12 @@ class Trainer:
         )
         seed_everything(config.train.seed)
         self.method = method_class(config.method)(config, self.target_modules)
+        self.method.data_parallel = data_parallel
         self.model = self.method.attach(model)
         self.model.to(self.device)
+        # Start every rank from rank 0's weights, as DDP does (they agree already when the
+        # seed fixes every random initialisation; this makes it so regardless).
+        data_parallel.broadcast_tensors(self.method.trainable_parameters())
         pad_id = self.tokenizer.pad_token_id
         self.batches = StepBatches(self.train_examples, config.train.batch_size,
                                    config.train.seed, pad_id)
@@ -122,19 +169,46 @@ class Trainer:
         )
 
     # -- pieces of the loop ------------------------------------------------------------
+    def _autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.mixed_precision == "bf16")
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.method.before_eval()
         self.model.eval()
+        data_parallel = self.data_parallel
         total_loss, total_tokens = 0.0, 0
-        for batch in self.eval_set:
+        # Each rank evaluates every N-th batch; the sums are added up over the ranks.
+        for batch in self.eval_set[data_parallel.rank::data_parallel.world_size]:
             batch = {key: value.to(self.device) for key, value in batch.items()}
             tokens = int((batch["labels"][:, 1:] != -100).sum())
-            total_loss += float(self.model(**batch).loss) * tokens
+            with self._autocast():
+                total_loss += float(self.model(**batch).loss) * tokens
             total_tokens += tokens
+        total_loss, total_tokens = data_parallel.sum_floats([total_loss, total_tokens])
         return total_loss / max(total_tokens, 1)
 
+    def _step_loss(self, step: int) -> torch.Tensor:
+        """This rank's share of the step's loss; the shares add up to the global batch's."""
+        data_parallel = self.data_parallel
+        if not data_parallel.active:
+            batch = {k: v.to(self.device) for k, v in self.batches(step).items()}
+            with self._autocast():
+                return self.model(**batch).loss
+        examples = self.batches.examples_for(step)
+        share = len(examples) // data_parallel.world_size
+        mine = examples[data_parallel.rank * share:(data_parallel.rank + 1) * share]
+        batch = {k: v.to(self.device)
+                 for k, v in collate(mine, self.tokenizer.pad_token_id).items()}
+        # Sum over this rank's tokens / tokens of the whole global batch (transformers'
+        # num_items_in_batch): summed over ranks, exactly the single-process mean.
+        with self._autocast():
+            return self.model(**batch, num_items_in_batch=loss_tokens(examples)).loss
+
     def _checkpoint(self, step: int, **extra: Any) -> None:
+        if not self.data_parallel.is_main:
+            return  # every rank holds the same state; rank 0 writes it
         payload = {
             "step": step,
             "method_state": self.method.state_dict(),
@@ -177,7 +251,7 @@ class Trainer:
         else:
             text = prompt
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             output = self.model.generate(
                 **inputs, max_new_tokens=self.config.train.sample_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -186,25 +260,45 @@ class Trainer:
 
     # -- the job --------------------------------------------------------------------------
     def run(self, resume: bool = True) -> dict[str, Any]:
-        metrics_path = self.output_dir / "metrics.json"
-        payload = load_checkpoint(self.state_dir) if resume else None
-        if payload and payload.get("finished") and metrics_path.is_file():
-            return json.loads(metrics_path.read_text())
+        # Rank 0 reads the output folder; every rank resumes from what it read.
+        payload, finished = self.data_parallel.from_main(lambda: self._previous_run(resume))
+        if finished is not None:
+            return finished
         wall_start = time.perf_counter()
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self.eval_loss_before: float | None = None
         try:
-            self._prepare()
-            self.tracker = TensorBoardLog.for_job(
-                self.output_dir / "tensorboard", self.config,
-                resume_step=int(payload["step"]) if payload else None)
+            self._prepare_everywhere()
+            if self.data_parallel.is_main:
+                self.tracker = TensorBoardLog.for_job(
+                    self.output_dir / "tensorboard", self.config,
+                    resume_step=int(payload["step"]) if payload else None)
             return self._train(payload, wall_start)
         finally:
             if self.tracker is not None:
                 self.tracker.close()
             if self.method is not None:
                 self.method.close()
+
+    def _previous_run(self, resume: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(checkpoint or None, metrics of a finished run or None) from the output folder."""
+        payload = load_checkpoint(self.state_dir) if resume else None
+        metrics_path = self.output_dir / "metrics.json"
+        if payload and payload.get("finished") and metrics_path.is_file():
+            return payload, json.loads(metrics_path.read_text())
+        return payload, None
+
+    def _prepare_everywhere(self) -> None:
+        """``_prepare`` on every rank; if it fails anywhere, it fails everywhere."""
+        try:
+            self._prepare()
+        except Exception:
+            self.data_parallel.all_agree(False)
+            raise
+        if not self.data_parallel.all_agree(True):
+            raise ConfigError("config", "another process of this data-parallel job rejected "
+                              "it (rank 0 reports why)")
 
     def _train(self, payload: dict[str, Any] | None, wall_start: float) -> dict[str, Any]:
         config, steps = self.config, self.config.steps
@@ -216,19 +310,28 @@ class Trainer:
             self.method.before_forward(0)  # one quantum evaluation serves eval and step 0
             self.eval_loss_before = self.evaluate()
             self.emit("eval", step=0, eval_loss=self.eval_loss_before)
-        self.emit("status", message="training", step=start, total_steps=steps)
+        data_parallel = self.data_parallel
+        where = f" on {data_parallel.world_size} processes" if data_parallel.active else ""
+        self.emit("status", message=f"training{where}", step=start, total_steps=steps)
         completed = start
         try:
             for step in range(start, steps):
-                if self.should_stop():
+                if data_parallel.decide(self.should_stop):
                     self._checkpoint(completed)
                     raise JobCancelled(completed)
                 step_start = time.perf_counter()
                 self.model.train()
                 self.method.before_forward(step)
-                batch = {k: v.to(self.device) for k, v in self.batches(step).items()}
-                loss = self.model(**batch).loss
+                loss = self._step_loss(step)
+                # Gradient that leaves collected in earlier steps is set aside, so that
+                # only this step's part is summed over ranks (no-op in one process).
+                leaves = self.method.gradient_leaves() if data_parallel.active else []
+                stashed = [leaf.grad for leaf in leaves]
+                for leaf in leaves:
+                    leaf.grad = None
                 loss.backward()
+                loss_value = data_parallel.reduce_gradients(
+                    self.method.trainable_parameters(), leaves, stashed, loss)
                 self.method.before_optimizer_step(step, last_step=step == steps - 1)
                 if config.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(
@@ -240,7 +343,7 @@ class Trainer:
                 completed = step + 1
                 elapsed = time.perf_counter() - step_start
                 self.train_seconds += elapsed
-                self.losses.append(loss.item())
+                self.losses.append(loss_value)
                 self.emit("step", step=completed, total_steps=steps, loss=self.losses[-1],
                           lr=self.scheduler.get_last_lr()[0], step_seconds=elapsed,
                           quantum=self._usage())
@@ -267,6 +370,8 @@ class Trainer:
     def _finish(self, wall_start: float) -> dict[str, Any]:
         config = self.config
         eval_after = self.evaluate()
+        if not self.data_parallel.is_main:
+            return {"eval_loss_after": eval_after}  # rank 0 exports and reports
         self.emit("eval", step=config.steps, eval_loss=eval_after)
         adapter_dir = self.output_dir / "adapter"
         export_info = self.method.export_adapter(adapter_dir)
@@ -287,6 +392,9 @@ class Trainer:
             **self.method.parameter_report(),
             "quantum": self.method.quantum_report(),
             "train_seconds": self.train_seconds,
+            "world_size": self.data_parallel.world_size,
+            "mixed_precision": self.mixed_precision,
+            "gradient_checkpointing": config.train.gradient_checkpointing,
             "export": export_info,
         }
         metrics["sample"] = self.sample()
@@ -305,10 +413,18 @@ def _perplexity(loss: float | None) -> float | None:
 def finetune(config: JobConfig, output_dir: str | Path, *,
              on_event: EventSink | None = None,
              should_stop: Callable[[], bool] | None = None,
-             resume: bool = True) -> dict[str, Any]:
+             resume: bool = True, nproc: int = 1) -> dict[str, Any]:
     """Run one fine-tuning job into ``output_dir`` and return its metrics.
 
-    Raises ConfigError (before training) for bad input, JobCancelled when ``should_stop``
-    turned True (after checkpointing), QuantumBudgetExceeded past ``quantum.max_seconds``.
+    ``nproc`` > 1 trains data-parallel with that many processes on this machine (this one
+    is rank 0 and calls ``on_event``/``should_stop``; see ``qpa.distributed``). Raises
+    ConfigError (before training) for bad input, JobCancelled when ``should_stop`` turned
+    True (after checkpointing), QuantumBudgetExceeded past ``quantum.max_seconds``.
     """
+    from qpa.distributed import check_nproc, launch
+
+    check_nproc(nproc)
+    if nproc > 1:
+        return launch(config, output_dir, nproc, on_event=on_event, should_stop=should_stop,
+                      resume=resume)
     return Trainer(config, output_dir, on_event=on_event, should_stop=should_stop).run(resume)

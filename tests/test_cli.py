@@ -43,3 +43,17 @@ def test_finetune_command_missing_file(tmp_path):
     result = CliRunner().invoke(app, ["finetune", str(tmp_path / "absent.yaml")])
     assert result.exit_code == 2
     assert "does not exist" in " ".join(result.output.split())  # rich wraps long lines
+
+
+def test_finetune_nproc_errors_name_the_field(tiny_llama_dir, data_files, tmp_path):
+    config = _write(tmp_path, {
+        "base_model": str(tiny_llama_dir), "train_file": str(data_files[0]),
+        "train": {"batch_size": 4},
+    })
+    result = CliRunner().invoke(app, ["finetune", config, "--nproc", "0"])
+    assert result.exit_code == 2
+    assert "in nproc: must be a whole number of processes >= 1" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["finetune", config, "--nproc", "3"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "train.batch_size" in output and "not divisible by the 3 processes" in output

@@ -42,6 +42,11 @@ def check_width(spec: str, num_qubits: int, options: QuantumOptions) -> None:
         )
 
 
+def is_autograd_native(spec: str) -> bool:
+    """Whether the backend named by ``spec`` differentiates p(theta) with torch autograd."""
+    return spec == "statevector"
+
+
 def make_backend(spec: str, circuit: QuantumCircuit, options: QuantumOptions,
                  device: str = "cpu") -> QuantumBackend:
     """Build the backend named by ``spec`` for ``circuit`` (transpiled once, here)."""
@@ -60,4 +65,4 @@ def make_backend(spec: str, circuit: QuantumCircuit, options: QuantumOptions,
     raise ConfigError("backend", f"unknown backend {spec!r}")
 
 
-__all__ = ["QuantumBackend", "QuantumUsage", "check_width", "make_backend"]
+__all__ = ["QuantumBackend", "QuantumUsage", "check_width", "is_autograd_native", "make_backend"]

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 
 from qpa.config import JobConfig
+from qpa.distributed import SINGLE_PROCESS, DataParallel
 
 
 class AdapterMethod(ABC):
     """One adapter method applied to one base model for one job."""
 
     name: ClassVar[str]
+    #: Set by the trainer before ``attach``. A method that runs circuits gets its backend
+    #: from ``data_parallel.quantum_backend(...)`` so that only rank 0 submits jobs.
+    data_parallel: DataParallel = SINGLE_PROCESS
 
     def __init__(self, config: JobConfig, target_modules: list[str]):
         self.config = config
@@ -50,6 +54,12 @@ class AdapterMethod(ABC):
             else:
                 params.extend(p for p in piece.parameters() if p.requires_grad)
         return params
+
+    def gradient_leaves(self) -> list[torch.Tensor]:
+        """Tensors other than the trainable parameters whose ``.grad`` collects gradient over
+        several steps (QPA: dL/dp over an update window). Data-parallel training sums each
+        step's part of it over the ranks, as it does for the parameters' gradients."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qpa.backends import check_width, make_backend
+from qpa.backends import check_width
 from qpa.generator import QPAGenerator
 from qpa.methods.base import AdapterMethod
 from qpa.methods.lora import lora_config
@@ -70,7 +70,8 @@ class QPAMethod(AdapterMethod):
         self.generator.to(device)
         # Width and credentials are checked here, before any training step.
         check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
-        self.backend = make_backend(
+        # Data-parallel: only rank 0 runs the circuit; the other ranks receive p from it.
+        self.backend = self.data_parallel.quantum_backend(
             self.config.backend, self.generator.circuit, self.config.quantum, device=str(device)
         )
         self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
@@ -104,6 +105,10 @@ class QPAMethod(AdapterMethod):
             {"params": list(self.generator.mlps.parameters()), "lr": lr},
             {"params": [self.generator.theta], "lr": angle_lr, "weight_decay": 0.0},
         ]
+
+    def gradient_leaves(self) -> list[torch.Tensor]:
+        held = self.generator._p_leaf  # p held over the window; dL/dp accumulates on it
+        return [held] if held is not None and held.requires_grad else []
 
     # -- training-loop hooks ------------------------------------------------------------
     def before_forward(self, step: int) -> None:
