@@ -123,6 +123,9 @@ class JobObject(BaseModel):
     error: str | None
     cancel_requested: bool
     attempts: int = Field(description="How many times a worker started this job.")
+    world_size: int | None = Field(
+        default=None, description="Processes the job trains on (data parallel; the worker's "
+        "QPA_WORKER_NPROC) in its current or last attempt; null until a worker starts it.")
     config: dict[str, Any]
 
     @classmethod
@@ -138,7 +141,7 @@ class JobObject(BaseModel):
             quantum=QuantumUsage(jobs=job.quantum_jobs, circuits=job.quantum_circuits,
                                  shots=job.quantum_shots, seconds=job.quantum_seconds),
             metrics=job.metrics, error=job.error, cancel_requested=job.cancel_requested,
-            attempts=job.attempts, config=job.config,
+            attempts=job.attempts, world_size=job.world_size, config=job.config,
         )
 
 

@@ -72,7 +72,10 @@ def run_job(job_id: str, settings: Settings | None = None, *,
             _finish(session, job_id, owner, attempt, "cancelled", "cancelled before it started")
             return "cancelled"
         resuming = artifacts.has_checkpoint(job_id)
+        store.update_leased_job(session, job_id, owner, world_size=settings.worker_nproc)
         message = f"running on {owner} (attempt {attempt})"
+        if settings.worker_nproc > 1:
+            message += f" with {settings.worker_nproc} processes"
         if resuming:
             message += f"; resuming from the checkpoint at step {job.checkpoint_step}"
         store.add_event(session, job_id, {"type": "status", "status": "running",
@@ -202,7 +205,8 @@ class _JobRun:
                     config_data[field] = str(path)
             config = parse_config(config_data)
             metrics = finetune(config, artifacts.job_dir(self.job_id), on_event=self.on_event,
-                               should_stop=self.should_stop, resume=True)
+                               should_stop=self.should_stop, resume=True,
+                               nproc=self.settings.worker_nproc)
         except JobCancelled as stopped:
             return self._stopped(stopped.step, requeue)
         except ConfigError as error:

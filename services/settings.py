@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "makes redelivered duplicates harmless.",
     )
 
+    worker_nproc: int = Field(
+        default=1, ge=1,
+        description="Processes a worker trains each job with (torch.distributed data "
+        "parallel on this host: the worker's process is rank 0 and starts the others; gloo "
+        "on CPU, NCCL with one GPU per process). The job's train.batch_size must divide by it.",
+    )
+
     log_level: str = Field(default="INFO", description="Log level of api, worker and serve.")
     log_json: bool = Field(default=True, description="JSON log lines (False: plain text).")
 

@@ -153,6 +153,8 @@ class Job(Base):
     # For the step-time metric: wall seconds over steps run (all attempts).
     step_seconds_total: Mapped[float] = mapped_column(Float, default=0.0)
     steps_run: Mapped[int] = mapped_column(Integer, default=0)
+    # Processes the current (or last) attempt trains on: the worker's QPA_WORKER_NPROC.
+    world_size: Mapped[int | None] = mapped_column(Integer)
 
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
