@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from qpa.errors import ConfigError, JobCancelled
+from qpa.errors import ConfigError, JobCancelled, QuantumBudgetExceeded
 
 if TYPE_CHECKING:
     from qpa.backends.base import QuantumBackend
     from qpa.config import JobConfig, QuantumOptions
+    from qpa.methods.base import AdapterMethod
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +63,10 @@ T = TypeVar("T")
 COLLECTIVE_TIMEOUT = timedelta(hours=12)
 #: How long helper processes may take to start and join (imports on a loaded machine).
 JOIN_TIMEOUT_S = 600.0
+#: Errors every rank raises at the same point of a job (a rejected config, a cancel decided
+#: by rank 0, the quantum budget read from rank 0's mirrored usage): after one of these
+#: the group is still in step and can run the next job.
+IN_STEP_ERRORS = (ConfigError, JobCancelled, QuantumBudgetExceeded)
 
 
 def _comm_backend(device: torch.device) -> str:
@@ -161,28 +166,33 @@ class DataParallel:
             dist.broadcast(flat, src=0)
             _scatter_back(flat, group)
 
-    def reduce_gradients(self, parameters: Sequence[torch.Tensor],
-                         leaves: Sequence[torch.Tensor], stashed: Sequence[torch.Tensor | None],
-                         loss: torch.Tensor) -> float:
-        """Sum this step's gradients (and losses) over ranks; return the global loss.
+    def backward(self, loss: torch.Tensor, method: AdapterMethod) -> float:
+        """``loss.backward()``, then sum the step's gradients and losses over the ranks;
+        returns the global batch's loss.
 
-        ``parameters``: trainable parameters, whose ``.grad`` holds this step's gradient
-        only. ``leaves``: non-parameter tensors that collect gradient across steps (QPA's
-        held p); their earlier sum was moved to ``stashed`` before backward, so only this
-        step's part is summed here and the earlier sum is added back afterwards.
+        The trainable parameters' ``.grad`` holds this step's gradient only (the optimizer
+        zeroes it). ``method.gradient_leaves()`` (QPA's held p) collect gradient over
+        several steps: what they hold from earlier steps, already summed, is set aside
+        during backward so that only this step's part is summed, then added back.
         """
         if not self.active:
+            loss.backward()
             return float(loss.item())
-        grads = [p.grad for p in parameters if p.grad is not None]
+        leaves = method.gradient_leaves()
+        earlier = [leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        loss.backward()
+        grads = [p.grad for p in method.trainable_parameters() if p.grad is not None]
         grads += [leaf.grad for leaf in leaves if leaf.grad is not None]
         loss_slot = loss.detach().reshape(1).to(torch.float64)
         for group in _by_dtype([*grads, loss_slot]):
             flat = torch.cat([g.reshape(-1).to(self.comm_device) for g in group])
             dist.all_reduce(flat)
             _scatter_back(flat, group)
-        for leaf, earlier in zip(leaves, stashed, strict=True):
-            if earlier is not None:
-                leaf.grad = earlier if leaf.grad is None else leaf.grad + earlier
+        for leaf, before in zip(leaves, earlier, strict=True):
+            if before is not None:
+                leaf.grad = before if leaf.grad is None else before + leaf.grad
         return float(loss_slot.item())
 
     # -- quantum ---------------------------------------------------------------------------
@@ -395,7 +405,7 @@ class LocalGroup:
                           data_parallel=self.data_parallel)
         try:
             return trainer.run(resume)
-        except (JobCancelled, ConfigError):
+        except IN_STEP_ERRORS:
             raise  # every rank raised it at the same point: the group is still in step
         except BaseException:
             self._broken = True  # the other ranks may be anywhere: do not reuse the group
@@ -462,6 +472,18 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(1.0)
 
 
+def _quiet_helper() -> None:
+    """Rank 0 reports progress and warnings; a helper's copies would only interleave."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def helper_main() -> int:
     """Rank r > 0 of a ``LocalGroup``: join, then train every job rank 0 sends."""
     from qpa.config import parse_config
@@ -470,6 +492,7 @@ def helper_main() -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threading.Thread(target=_exit_with_parent, args=(int(os.environ["QPA_DP_PARENT"]),),
                      daemon=True).start()
+    _quiet_helper()
     kind = os.environ.get("QPA_DP_DEVICE", "cpu")
     if kind == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -493,8 +516,8 @@ def helper_main() -> int:
                               data_parallel=data_parallel)
             try:
                 trainer.run(job["resume"])
-            except (JobCancelled, ConfigError):
-                continue  # rank 0 raised the same; wait for its next job
+            except IN_STEP_ERRORS:
+                continue  # rank 0 raised the same and reports it; wait for its next job
     finally:
         dist.destroy_process_group()
 

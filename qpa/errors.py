@@ -19,6 +19,9 @@ class ConfigError(QPAError, ValueError):
         self.reason = reason
         super().__init__(f"{field}: {reason}")
 
+    def __reduce__(self):  # pickled whole (data-parallel ranks re-raise rank 0's errors)
+        return type(self), (self.field, self.reason)
+
 
 class JobCancelled(QPAError):
     """Training stopped because the caller asked it to; the last checkpoint is kept."""
@@ -26,6 +29,9 @@ class JobCancelled(QPAError):
     def __init__(self, step: int):
         self.step = step
         super().__init__(f"cancelled at step {step}")
+
+    def __reduce__(self):
+        return type(self), (self.step,)
 
 
 class QuantumBudgetExceeded(QPAError):

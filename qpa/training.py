@@ -35,7 +35,7 @@ from qpa.data import (
     read_jsonl,
     tokenize_records,
 )
-from qpa.distributed import SINGLE_PROCESS, DataParallel, check_world
+from qpa.distributed import SINGLE_PROCESS, DataParallel, check_nproc, check_world, launch
 from qpa.errors import ConfigError, JobCancelled
 from qpa.export import load_checkpoint, model_card, save_checkpoint, write_json
 from qpa.methods import method_class
@@ -323,15 +323,7 @@ class Trainer:
                 self.model.train()
                 self.method.before_forward(step)
                 loss = self._step_loss(step)
-                # Gradient that leaves collected in earlier steps is set aside, so that
-                # only this step's part is summed over ranks (no-op in one process).
-                leaves = self.method.gradient_leaves() if data_parallel.active else []
-                stashed = [leaf.grad for leaf in leaves]
-                for leaf in leaves:
-                    leaf.grad = None
-                loss.backward()
-                loss_value = data_parallel.reduce_gradients(
-                    self.method.trainable_parameters(), leaves, stashed, loss)
+                loss_value = data_parallel.backward(loss, self.method)
                 self.method.before_optimizer_step(step, last_step=step == steps - 1)
                 if config.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(
@@ -421,8 +413,6 @@ def finetune(config: JobConfig, output_dir: str | Path, *,
     ConfigError (before training) for bad input, JobCancelled when ``should_stop`` turned
     True (after checkpointing), QuantumBudgetExceeded past ``quantum.max_seconds``.
     """
-    from qpa.distributed import check_nproc, launch
-
     check_nproc(nproc)
     if nproc > 1:
         return launch(config, output_dir, nproc, on_event=on_event, should_stop=should_stop,

@@ -185,3 +185,16 @@ def test_only_rank_zero_builds_a_quantum_backend(monkeypatch):
         assert isinstance(backend, SharedBackend) and backend.inner is None
         assert backend.autograd_native == (spec == "statevector")
         assert backend.usage.jobs == 0
+
+
+def test_errors_cross_process_boundaries_whole():
+    """Rank 0's errors reach the other ranks pickled: type and fields must survive."""
+    import pickle
+
+    from qpa.errors import QuantumBudgetExceeded
+
+    config_error = pickle.loads(pickle.dumps(ConfigError("train.batch_size", "odd")))
+    assert (type(config_error), config_error.field, config_error.reason) == \
+        (ConfigError, "train.batch_size", "odd")
+    assert pickle.loads(pickle.dumps(JobCancelled(7))).step == 7
+    assert str(pickle.loads(pickle.dumps(QuantumBudgetExceeded("over")))) == "over"
