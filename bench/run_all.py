@@ -49,6 +49,7 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_compound_vs_oft": (180, 1200),
     "bench_overhead": (300, 2400),
     "bench_service": (180, 1200),
+    "bench_scaling": (1200, 3600),
     "bench_quality": (420, 7200),
 }
 DEFAULT_BUDGET = (300, 3600)
