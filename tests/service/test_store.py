@@ -215,3 +215,12 @@ def test_ids_are_checked_before_the_database_sees_them(db: store.Store) -> None:
 
 def test_pid_alive() -> None:
     assert store.pid_alive(os.getpid())
+
+
+def test_migrations_build_exactly_the_models_schema(db: store.Store) -> None:
+    """Every column the models declare comes from a revision (none is missing or extra)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with db.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), store.Base.metadata) == []
