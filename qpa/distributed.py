@@ -523,4 +523,9 @@ def helper_main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(helper_main())
+    code = helper_main()
+    # Nothing to tear down that matters, and interpreter shutdown (torch, qiskit) takes
+    # seconds rank 0 would wait for: flush and leave.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -63,9 +63,9 @@ def _assert_same_adapter(single_dir, multi_dir) -> None:
 
 CASES = {
     # method, backend, steps, options: the quantum paths and every registered method.
-    "qpa-aer": ("qpa", "aer", 5, {"qpa": {"update_every": 2}}),
-    "qpa-ibm-fake": ("qpa", "ibm-fake:FakeManilaV2", 4,
-                     {"qpa": {"update_every": 3}, "quantum": {"shots": 1024, "seed": 3}}),
+    "qpa-aer": ("qpa", "aer", 4, {"qpa": {"update_every": 2}}),
+    "qpa-ibm-fake": ("qpa", "ibm-fake:FakeManilaV2", 3,
+                     {"qpa": {"update_every": 2}, "quantum": {"shots": 1024, "seed": 3}}),
     "qpa-statevector": ("qpa", "statevector", 3, {}),
     "lora": ("lora", "statevector", 3, {}),
     "compound": ("compound", "statevector", 3, {"compound": {"blocks": 2}}),
