@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from qpa.errors import ConfigError
 
@@ -20,6 +27,29 @@ BACKEND_PATTERN = re.compile(r"^(statevector|aer|ibm:[A-Za-z0-9_\-]+|ibm-fake:[A
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _PresetSection(_Section):
+    """A section with named operating points: the chosen preset fills in every option the
+    job leaves out (options the job sets win), and names the learning rate ``train.lr``
+    defaults to. Presets come from the quality frontier (docs/BENCHMARKS.md)."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    LEARNING_RATES: ClassVar[dict[str, float]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", cls.model_fields["preset"].default)
+        if not isinstance(name, str) or name not in cls.PRESETS:
+            return data  # the preset field's Literal reports the allowed names
+        return {**cls.PRESETS[name], **data, "preset": name}
+
+    @property
+    def learning_rate(self) -> float:
+        return self.LEARNING_RATES[self.preset]
 
 
 class LoraOptions(_Section):
@@ -42,8 +72,24 @@ class LoraOptions(_Section):
         return value
 
 
-class QpaOptions(_Section):
+class QpaOptions(_PresetSection):
     """Quantum Parameter Adaptation: a circuit plus a mapping MLP generate the LoRA weights."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "compact": {"chunk_size": 64, "mlp_hidden": [32, 32]},
+        "balanced": {"chunk_size": 512, "mlp_hidden": [32, 32]},
+        "paper": {"chunk_size": 1024, "mlp_hidden": [32, 30]},
+    }
+    LEARNING_RATES: ClassVar[dict[str, float]] = {
+        "compact": 3e-2, "balanced": 1e-2, "paper": 1e-2,
+    }
+
+    preset: Literal["compact", "balanced", "paper"] = Field(
+        default="balanced",
+        description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
+        "(~1.6 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~8 %), paper (~15 %, "
+        "the QPA paper's Gemma-2 ratio). It fills every option left out, and train.lr.",
+    )
 
     chunk_size: Annotated[
         int, Field(ge=1, le=65536, description="Values per generated chunk.")
@@ -70,10 +116,48 @@ class QpaOptions(_Section):
     angle_lr: float | None = Field(
         default=None, gt=0, description="Learning rate of the circuit angles (default: train.lr)."
     )
+    generate_a: bool = Field(
+        default=True,
+        description="Generate LoRA's A as well as B. False: A keeps PEFT's random "
+        "initialisation, frozen (as in LoRA-FA), and the generator writes B only.",
+    )
+    features: Annotated[int, Field(ge=1, le=64, description=(
+        "Circuits per sub-generator; the mapping MLP reads one post-processed probability "
+        "of each per chunk."))] = 1
+    postprocess: Literal["standardize", "scaled", "paper"] = Field(
+        default="standardize",
+        description="How p_j becomes the MLP's input: standardize = (p - mean) / std; "
+        "scaled = 2^n p - 1; paper = the QPA authors' (0.6 tanh(0.1 2^(n-1) p))^0.15 - mean.",
+    )
+    ablation: Literal["none", "frozen_angles", "constant_p", "random_p"] = Field(
+        default="none",
+        description="For measuring what the circuit contributes: frozen_angles holds p at the "
+        "initial angles; constant_p feeds the uniform p (the MLP sees the bits only); "
+        "random_p feeds an untrained Porter-Thomas draw. None of them trains angles.",
+    )
 
 
-class CompoundOptions(_Section):
+class CompoundOptions(_PresetSection):
     """Quantum-inspired compound adapters (Coyle & Raj 2025): orthogonal, multiplicative."""
+
+    # Sizes on SmolLM2 q/v (576-wide inputs): compact 6 shared blocks of 96 -> one 13x13 U
+    # per module (78 angles); balanced 3 shared blocks of 192 -> 19x19 (171); paper 4
+    # unshared blocks of 144 -> four 16x16 (480).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "compact": {"orders": [1, 2], "blocks": 6, "block_share": True},
+        "balanced": {"orders": [1, 2], "blocks": 3, "block_share": True},
+        "paper": {"orders": [1, 2], "blocks": 4, "block_share": False},
+    }
+    LEARNING_RATES: ClassVar[dict[str, float]] = {
+        "compact": 3e-3, "balanced": 3e-3, "paper": 3e-3,
+    }
+
+    preset: Literal["compact", "balanced", "paper"] = Field(
+        default="balanced",
+        description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
+        "(~2 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~4.5 %), paper (~12.5 %). "
+        "It fills every option left out, and train.lr.",
+    )
 
     orders: list[Literal[1, 2, 3]] = Field(
         default_factory=lambda: [1, 2], description="Hamming-weight orders k of C_k(U) per block."
@@ -119,11 +203,22 @@ class QuantumOptions(_Section):
 class TrainOptions(_Section):
     """The classical training loop."""
 
-    lr: Annotated[float, Field(gt=0, le=10)] = 2e-3
+    lr: float | None = Field(
+        default=None, gt=0, le=10,
+        description="Peak learning rate. None: the method's (or preset's) rate chosen by the "
+        "quality frontier (docs/BENCHMARKS.md).",
+    )
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
     max_length: Annotated[int, Field(ge=8, le=32768)] = 128
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine",
+        description="Learning rate after warm-up: cosine or linear decay to zero at the last "
+        "step, or constant. The quality frontier measured every method with cosine.",
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Linear warm-up steps. None: 6 % of the job's steps."
+    )
     grad_clip: float | None = Field(default=1.0, gt=0)
     eval_every: int | None = Field(default=None, ge=1, description="Steps between evaluations.")
     eval_batches: Annotated[int, Field(ge=1)] = 8
@@ -190,9 +285,33 @@ class JobConfig(_Section):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _operating_point(self) -> JobConfig:
+        """Fill what the job left to the measured operating point: lr and warm-up."""
+        if self.train.lr is None:
+            self.train.lr = default_learning_rate(self)
+        if self.train.warmup_steps is None:
+            self.train.warmup_steps = round(WARMUP_FRACTION * self.steps)
+        return self
+
     @property
     def uses_quantum(self) -> bool:
         return self.method == "qpa"
+
+
+#: Warm-up share of the steps when ``train.warmup_steps`` is not given (the frontier's).
+WARMUP_FRACTION = 0.06
+#: LoRA's rate from the frontier's sweep (LoRA r=4, cosine, 60 steps; docs/BENCHMARKS.md).
+LORA_LEARNING_RATE = 1e-2
+
+
+def default_learning_rate(config: JobConfig) -> float:
+    """The frontier's learning rate for the job's method (and preset)."""
+    if config.method == "qpa":
+        return config.qpa.learning_rate
+    if config.method == "compound":
+        return config.compound.learning_rate
+    return LORA_LEARNING_RATE
 
 
 def _format_validation_error(error: ValidationError) -> ConfigError:

@@ -4,7 +4,12 @@ For M values split into chunks of ``chunk_size``, each of G sub-generators owns 
 share of the chunks and a circuit of n = ceil(log2(chunks per sub-generator)) qubits.
 Chunk j of a sub-generator is tied to basis state j (a fixed, deterministic assignment;
 the authors' code re-draws it at random on every call). The mapping MLP reads
-(bits of basis state j as +-1, standardised p_j) and writes the chunk's values.
+(bits of basis state j as +-1, the post-processed p_j of each of ``features`` circuits)
+and writes the chunk's values.
+
+Ablations replace the circuit's p by a fixed distribution (``fix_distribution``): its value
+at the initial angles (angles frozen), the uniform one (the MLP sees the bits only) or an
+untrained Porter-Thomas draw (what a Haar-random state's probabilities look like).
 
 Amortised quantum calls: the circuit and its gradient are evaluated once per window of
 ``update_every`` steps. In between, p is held fixed as a leaf tensor so the MLP trains
@@ -50,12 +55,13 @@ def plan_qubits(
 
 
 class MappingMLP(nn.Module):
-    """(n bits as +-1, standardised p) -> chunk values. The last layer starts at zero so
-    the generated values, and hence the LoRA update, are zero at step 0."""
+    """(n bits as +-1, post-processed p_j per feature circuit) -> chunk values. The last
+    layer starts at zero so the generated values, and hence the LoRA update, are zero at
+    step 0."""
 
-    def __init__(self, num_qubits: int, hidden: list[int], chunk_size: int):
+    def __init__(self, num_inputs: int, hidden: list[int], chunk_size: int):
         super().__init__()
-        widths = [num_qubits + 1, *hidden]
+        widths = [num_inputs, *hidden]
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
@@ -68,27 +74,56 @@ class MappingMLP(nn.Module):
         return self.head(self.body(features))
 
 
+POSTPROCESS = ("standardize", "scaled", "paper")
+
+
+def postprocess(probs: torch.Tensor, num_qubits: int, kind: str) -> torch.Tensor:
+    """p (rows, chunks) -> the per-chunk input the mapping MLP reads. All three send the
+    uniform distribution to 0.
+
+    ``standardize``: (p - mean) / std per row; p_j ~ 2^-n otherwise shrinks with n.
+    ``scaled``: 2^n p - 1, no data-dependent normalisation (Porter-Thomas: mean 0, std ~1).
+    ``paper``: the QPA authors' (0.6 tanh(0.1 2^(n-1) p))^0.15, minus its row mean.
+    """
+    if kind == "standardize":
+        mean = probs.mean(dim=1, keepdim=True)
+        std = probs.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
+        return (probs - mean) / std
+    if kind == "scaled":
+        return probs * 2**num_qubits - 1.0
+    if kind == "paper":
+        # clamp: d/dx x^0.15 is infinite at 0, and a basis state can have p = 0 exactly.
+        x = (0.6 * torch.tanh(0.1 * 2 ** (num_qubits - 1) * probs)).clamp_min(1e-12) ** 0.15
+        return x - x.mean(dim=1, keepdim=True)
+    raise ValueError(f"unknown post-processing {kind!r}")
+
+
 class QPAGenerator(nn.Module):
-    """Generates ``num_values`` numbers from G (circuit, MLP) pairs."""
+    """Generates ``num_values`` numbers from G (circuits, MLP) sub-generators."""
 
     def __init__(self, num_values: int, *, chunk_size: int, depth: int, ansatz: str,
-                 mlp_hidden: list[int], sub_generators: int, seed: int = 0):
+                 mlp_hidden: list[int], sub_generators: int, features: int = 1,
+                 postprocess: str = "standardize", seed: int = 0):
         super().__init__()
         self.num_values = num_values
         self.chunk_size = chunk_size
+        self.features = features
+        self.postprocess = postprocess
         self.chunks_per_sub, self.num_qubits = plan_qubits(
             num_values, chunk_size, sub_generators, ansatz
         )
         self.num_subs = sub_generators
         self.circuit = build_ansatz(ansatz, self.num_qubits, depth)
         generator = torch.Generator().manual_seed(seed)
-        # Angles uniform in [0, 2pi): a spread-out p, so every chunk gets a distinct input.
+        # One row of angles per circuit: ``features`` circuits for each sub-generator.
+        # Uniform in [0, 2pi): a spread-out p, so every chunk gets a distinct input.
         self.theta = nn.Parameter(
-            torch.rand(sub_generators, self.circuit.num_parameters, generator=generator,
-                       dtype=torch.float64) * 2 * math.pi
+            torch.rand(sub_generators * features, self.circuit.num_parameters,
+                       generator=generator, dtype=torch.float64) * 2 * math.pi
         )
         self.mlps = nn.ModuleList(
-            MappingMLP(self.num_qubits, mlp_hidden, chunk_size) for _ in range(sub_generators)
+            MappingMLP(self.num_qubits + features, mlp_hidden, chunk_size)
+            for _ in range(sub_generators)
         )
         if ansatz == "rbs":
             states = hamming_weight_states(self.num_qubits, self.num_qubits // 2)
@@ -99,6 +134,7 @@ class QPAGenerator(nn.Module):
         self.register_buffer("state_bits", torch.as_tensor(basis_bits(self.num_qubits)[states]))
         self.backend: QuantumBackend | None = None
         self.max_seconds: float | None = None
+        self.fixed_p: torch.Tensor | None = None
         self._p_leaf: torch.Tensor | None = None
         self._p_graph: torch.Tensor | None = None
         self._jacobian: torch.Tensor | None = None
@@ -107,7 +143,8 @@ class QPAGenerator(nn.Module):
     # -- accounting ------------------------------------------------------------------
     @property
     def angle_count(self) -> int:
-        return self.theta.numel()
+        """Trained circuit angles (none while p is held fixed by an ablation)."""
+        return self.theta.numel() if self.fixed_p is None else 0
 
     @property
     def mlp_count(self) -> int:
@@ -121,10 +158,38 @@ class QPAGenerator(nn.Module):
     @property
     def has_window(self) -> bool:
         """True when p is current for theta and can carry gradient back to the angles."""
-        return self._fresh and (self._p_graph is not None or self._jacobian is not None)
+        return self._fresh and (self._p_graph is not None or self._jacobian is not None
+                                or self.fixed_p is not None)
+
+    def fix_distribution(self, kind: str, seed: int = 0) -> None:
+        """Hold p fixed for the whole run (an ablation): the angles are no longer trained.
+
+        ``initial``: p at the initial angles (one backend call); ``uniform``: every p_j =
+        2^-n, so the post-processed input is 0 and the MLP sees the bits only; ``random``:
+        an untrained Porter-Thomas draw, normalised Exp(1) samples per row.
+        """
+        rows, size = self.theta.shape[0], 2**self.num_qubits
+        if kind == "initial":
+            self.refresh(with_gradient=False)
+            fixed = self._p_leaf.detach()
+        elif kind == "uniform":
+            fixed = torch.full((rows, size), 1.0 / size, dtype=torch.float64)
+        elif kind == "random":
+            draw = torch.empty(rows, size, dtype=torch.float64)
+            draw.exponential_(generator=torch.Generator().manual_seed(seed + 7919))
+            fixed = draw / draw.sum(dim=1, keepdim=True)
+        else:
+            raise ValueError(f"unknown fixed distribution {kind!r}")
+        self.theta.requires_grad_(False)
+        self.fixed_p = fixed.to(self.theta.device)
+        self._p_graph = self._jacobian = None
+        self._p_leaf, self._fresh = self.fixed_p, True
 
     def refresh(self, with_gradient: bool) -> None:
         """Evaluate p(theta) for every sub-generator in one backend call."""
+        if self.fixed_p is not None:
+            self._p_leaf, self._fresh = self.fixed_p, True
+            return
         if self.backend is None:
             raise RuntimeError("attach a backend before generating")
         carried = self._p_leaf.grad if self._p_leaf is not None else None
@@ -197,12 +262,10 @@ class QPAGenerator(nn.Module):
         if self._p_leaf is None:
             raise RuntimeError("call refresh() before generating")
         probs = self._p_leaf[:, self.state_index].to(self.state_bits.dtype)
-        # p_j ~ 1/2^n is tiny and shrinks with n: standardise it so the MLP sees O(1) inputs.
-        mean = probs.mean(dim=1, keepdim=True)
-        std = probs.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
-        scaled = (probs - mean) / std
+        inputs = postprocess(probs, self.num_qubits, self.postprocess)
+        inputs = inputs.view(self.num_subs, self.features, -1)
         outputs = []
         for sub, mlp in enumerate(self.mlps):
-            features = torch.cat([self.state_bits, scaled[sub].unsqueeze(1)], dim=1)
+            features = torch.cat([self.state_bits, inputs[sub].T], dim=1)
             outputs.append(mlp(features).reshape(-1))
         return torch.cat(outputs)[: self.num_values]

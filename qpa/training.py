@@ -80,6 +80,24 @@ def _split_eval(records: list[dict], seed: int) -> tuple[list[dict], list[dict]]
     return train, [records[i] for i in sorted(eval_ids)]
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer,
+                config: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``train.warmup_steps``, then ``train.schedule`` to the last step."""
+    warmup, schedule, total = config.train.warmup_steps, config.train.schedule, config.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Trainer:
     """Owns the model, the method, the optimiser and the output folder of one job."""
 
@@ -163,10 +181,7 @@ class Trainer:
             self.method.param_groups(config.train.lr), lr=config.train.lr,
             weight_decay=config.train.weight_decay,
         )
-        warmup = config.train.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = lr_schedule(self.optimizer, config)
 
     # -- pieces of the loop ------------------------------------------------------------
     def _autocast(self) -> AbstractContextManager:

@@ -1,15 +1,16 @@
 """QPA: PEFT LoRA layers whose A and B are written by the quantum parameter generator.
 
-The LoRA layers are stock PEFT. Each lora_A / lora_B weight gets a torch parametrisation
-that reads its slice of the generator's output: W = W_init + generated. PEFT initialises
-B to zero and the generator's last layer starts at zero, so W_B = 0 and the adapted model
-equals the base model at step 0, exactly as in LoRA. At export the generated values are
-materialised into the weights and PEFT saves an ordinary LoRA adapter.
+The LoRA layers are stock PEFT. Each generated lora_A / lora_B weight gets a torch
+parametrisation that reads its slice of the generator's output: W = W_init + generated.
+PEFT initialises B to zero and the generator's last layer starts at zero, so W_B = 0 and
+the adapted model equals the base model at step 0, exactly as in LoRA. With
+``qpa.generate_a: false`` only B is generated and A keeps PEFT's random initialisation. At
+export the generated values are materialised into the weights and PEFT saves an ordinary
+LoRA adapter.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qpa.backends import check_width
+from qpa.backends.base import QuantumUsage
 from qpa.generator import QPAGenerator
 from qpa.methods.base import AdapterMethod
 from qpa.methods.lora import lora_config
@@ -52,10 +54,17 @@ class QPAMethod(AdapterMethod):
             base_model, lora_config(self.config, self.target_modules, base_model)
         )
         self.weights: list[tuple[str, nn.Module]] = []
+        self.lora_equivalent = 0
         for name, module in self.model.named_modules():
             if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
-                self.weights.append((f"{name}.lora_A", module.lora_A[ADAPTER]))
-                self.weights.append((f"{name}.lora_B", module.lora_B[ADAPTER]))
+                lora_a, lora_b = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+                self.lora_equivalent += lora_a.weight.numel() + lora_b.weight.numel()
+                if options.generate_a:
+                    self.weights.append((f"{name}.lora_A", lora_a))
+                else:
+                    # LoRA-FA style: A keeps PEFT's random initialisation, frozen.
+                    lora_a.weight.requires_grad_(False)
+                self.weights.append((f"{name}.lora_B", lora_b))
         num_values = sum(layer.weight.numel() for _, layer in self.weights)
         self.generator = QPAGenerator(
             num_values,
@@ -64,17 +73,25 @@ class QPAMethod(AdapterMethod):
             ansatz=options.ansatz,
             mlp_hidden=options.mlp_hidden,
             sub_generators=options.sub_generators,
+            features=options.features,
+            postprocess=options.postprocess,
             seed=self.config.train.seed,
         )
         device = next(base_model.parameters()).device
         self.generator.to(device)
-        # Width and credentials are checked here, before any training step.
-        check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
-        # Data-parallel: only rank 0 runs the circuit; the other ranks receive p from it.
-        self.backend = self.data_parallel.quantum_backend(
-            self.config.backend, self.generator.circuit, self.config.quantum, device=str(device)
-        )
-        self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
+        self.backend = None
+        if options.ablation in ("none", "frozen_angles"):
+            # Width and credentials are checked here, before any training step.
+            check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
+            # Data-parallel: only rank 0 runs the circuit; the other ranks receive p from it.
+            self.backend = self.data_parallel.quantum_backend(
+                self.config.backend, self.generator.circuit, self.config.quantum,
+                device=str(device),
+            )
+            self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
+        if options.ablation != "none":
+            fixed = {"frozen_angles": "initial", "constant_p": "uniform", "random_p": "random"}
+            self.generator.fix_distribution(fixed[options.ablation], seed=self.config.train.seed)
         self.sizes = [layer.weight.numel() for _, layer in self.weights]
         self._set_current(torch.zeros(num_values, device=device))
         for index, (_, layer) in enumerate(self.weights):
@@ -100,11 +117,12 @@ class QPAMethod(AdapterMethod):
         return {"generator": self.generator}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        angle_lr = self.config.qpa.angle_lr or lr
-        return [
-            {"params": list(self.generator.mlps.parameters()), "lr": lr},
-            {"params": [self.generator.theta], "lr": angle_lr, "weight_decay": 0.0},
-        ]
+        groups = [{"params": list(self.generator.mlps.parameters()), "lr": lr}]
+        if self.generator.theta.requires_grad:
+            angle_lr = self.config.qpa.angle_lr or lr
+            groups.append({"params": [self.generator.theta], "lr": angle_lr,
+                           "weight_decay": 0.0})
+        return groups
 
     def gradient_leaves(self) -> list[torch.Tensor]:
         held = self.generator._p_leaf  # p held over the window; dL/dp accumulates on it
@@ -160,26 +178,28 @@ class QPAMethod(AdapterMethod):
 
     def parameter_report(self) -> dict[str, Any]:
         trainable = self.generator.angle_count + self.generator.mlp_count
-        lora_equivalent = self.generator.num_values
         return {
             "trainable_params": trainable,
-            "lora_equivalent_params": lora_equivalent,
-            "ratio_to_lora": trainable / lora_equivalent,
+            "lora_equivalent_params": self.lora_equivalent,
+            "ratio_to_lora": trainable / self.lora_equivalent,
             "circuit_angles": self.generator.angle_count,
             "mapping_mlp_params": self.generator.mlp_count,
+            "generated_values": self.generator.num_values,
             "num_qubits": self.generator.num_qubits,
             "sub_generators": self.generator.num_subs,
-            "chunks": math.ceil(lora_equivalent / self.config.qpa.chunk_size),
+            "chunks": self.generator.chunks_per_sub * self.generator.num_subs,
         }
 
     def quantum_report(self) -> dict[str, Any]:
-        usage = self.backend.usage.as_dict()
+        # Ablations that replace p by a fixed distribution run no circuit at all.
+        usage = (self.backend.usage if self.backend is not None else QuantumUsage()).as_dict()
         usage.update(
             backend=self.config.backend,
             num_qubits=self.generator.num_qubits,
             depth=self.config.qpa.depth,
             ansatz=self.config.qpa.ansatz,
             update_every=self.config.qpa.update_every,
+            ablation=self.config.qpa.ablation,
         )
         return usage
 

@@ -1,0 +1,593 @@
+"""Quality frontier: held-out eval loss against trainable parameters, every method tuned alike.
+
+Workload: SmolLM2-135M-Instruct on Python's reference documentation (``pydoc_data.topics``)
+split by topic with ``qpa.datasets`` (a topic is all train or all eval), batch 4 x 128
+tokens, AdamW, cosine schedule with 6 % warm-up, grad clip 1.0. Protocol (issue 8):
+
+1. **Sweep**: every row trains at each learning rate of one grid (the same grid, budget and
+   schedule for every row; seed 0); the rate with the lowest held-out loss is the row's.
+2. **Final**: every row at its rate, ``--steps`` (default 150) optimiser steps, seeds 0, 1, 2.
+   Ablation rows (``of``) take their parent's rate: they differ from it in one thing only.
+3. **Evaluation**: the exported adapter is loaded by stock ``peft.PeftModel.from_pretrained``
+   on a freshly loaded base model and evaluated on the same fixed held-out 128-token chunks
+   (``--eval-chunks``, default 48) for every row.
+
+LoRA, QPA and compound rows run the product's own path (``qpa.training.finetune``); PEFT VeRA
+and PEFT OFT run in this script's loop on the identical batches, optimiser and schedule
+(``--check-loop`` runs LoRA r=4 through the loop too: it must reproduce ``finetune``).
+
+    python -m bench.bench_frontier                 # full (hours on 2 CPU cores; resumable)
+    python -m bench.bench_frontier --quick         # a smoke test: tiny budget, few rows
+    python -m bench.bench_frontier --docs-only     # table + plot from the committed results
+
+Every finished run is written to ``bench/results/frontier.json`` at once; a restarted run
+skips what is there (a run's key holds its full config, so a changed preset is re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO_ROOT,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    print_table,
+    pyplot,
+    read_json,
+    results_path,
+    thread_env,
+    write_json,
+)
+
+NAME = "frontier"
+SECTION = "frontier"
+BASE_MODEL = "smollm2-135m"
+TARGETS = ["q_proj", "v_proj"]
+REFERENCE = "lora_r4"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    family: str
+    config: dict[str, Any] = field(default_factory=dict)  # job config (library rows)
+    peft: tuple[str, dict[str, Any]] | None = None        # (kind, PEFT config) loop rows
+    of: str | None = None                                  # ablation: parent row's rate
+
+
+def _lora(r: int) -> Row:
+    return Row(f"LoRA r={r}", "LoRA", {"method": "lora", "lora": {"r": r, "alpha": 2 * r}})
+
+
+ROWS: dict[str, Row] = {
+    "lora_r1": _lora(1),
+    "lora_r2": _lora(2),
+    "lora_r4": _lora(4),
+    "lora_r8": _lora(8),
+    "vera_r16": Row("PEFT VeRA r=16", "VeRA", peft=("vera", {"r": 16})),
+    "vera_r256": Row("PEFT VeRA r=256", "VeRA", peft=("vera", {"r": 256})),
+    "oft": Row("PEFT OFT (blocks of 32)", "OFT", peft=("oft", {"r": 0, "oft_block_size": 32})),
+    "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
+    "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}}),
+    "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}}),
+    "qpa_balanced_frozen": Row(
+        "QPA balanced, angles frozen", "QPA ablation",
+        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
+        of="qpa_balanced"),
+    "qpa_balanced_constant_p": Row(
+        "QPA balanced, p constant (bits only)", "QPA ablation",
+        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "constant_p"}},
+        of="qpa_balanced"),
+    "qpa_balanced_random_p": Row(
+        "QPA balanced, p random (untrained)", "QPA ablation",
+        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "random_p"}},
+        of="qpa_balanced"),
+    "compound_compact": Row("compound compact", "compound",
+                            {"method": "compound", "compound": {"preset": "compact"}}),
+    "compound_balanced": Row("compound balanced", "compound",
+                             {"method": "compound", "compound": {"preset": "balanced"}}),
+    "compound_paper": Row("compound paper", "compound",
+                          {"method": "compound", "compound": {"preset": "paper"}}),
+}
+QUICK_ROWS = ["lora_r4", "vera_r16", "oft", "qpa_compact", "qpa_balanced_frozen",
+              "compound_compact"]
+
+
+# -- one run (in its own process) -----------------------------------------------------------
+
+
+def _job_config(row: Row, lr: float, seed: int, steps: int, s: dict[str, Any],
+                data: dict[str, str]) -> dict[str, Any]:
+    config = json.loads(json.dumps(row.config))
+    config.setdefault("lora", {})["target_modules"] = TARGETS
+    config.update(base_model=BASE_MODEL, train_file=data["train"], eval_file=data["eval"],
+                  steps=steps)
+    config["train"] = {"lr": lr, "batch_size": s["batch_size"], "max_length": s["max_length"],
+                       "eval_batches": s["trainer_eval_batches"], "seed": seed,
+                       "schedule": s["schedule"], "warmup_steps": round(s["warmup"] * steps),
+                       "checkpoint_every": 10**6, "sample_prompt": None, "device": "cpu"}
+    return config
+
+
+def _evaluate(model, eval_set) -> float:
+    """Token-weighted mean loss over the fixed batches (as ``Trainer.evaluate``)."""
+    import torch
+
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_set:
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+    return total / max(tokens, 1)
+
+
+def _loop(kind: str, peft_options: dict[str, Any], config: dict[str, Any],
+          output: Path) -> dict[str, Any]:
+    """Stock PEFT ``kind`` trained with the trainer's batches, optimiser, schedule and clip."""
+    import torch
+    from peft import LoraConfig, OFTConfig, VeraConfig, get_peft_model
+
+    from qpa.config import parse_config
+    from qpa.data import StepBatches, read_jsonl, tokenize_records
+    from qpa.models import load_base_model
+    from qpa.training import lr_schedule, seed_everything
+
+    job = parse_config(config)
+    model, tokenizer, _ = load_base_model(BASE_MODEL, "cpu")
+    train = tokenize_records(tokenizer, read_jsonl(job.train_file), job.train.max_length)
+    seed_everything(job.train.seed)  # as the trainer does right before attaching
+    peft_config = {"lora": LoraConfig, "vera": VeraConfig, "oft": OFTConfig}[kind](
+        target_modules=TARGETS, **peft_options)
+    model = get_peft_model(model, peft_config)
+    batches = StepBatches(train, job.train.batch_size, job.train.seed, tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+    scheduler = lr_schedule(optimizer, job)
+    losses, started = [], time.perf_counter()
+    for step in range(job.steps):
+        model.train()
+        loss = model(**batches(step)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, job.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.save_pretrained(output / "adapter")
+    return {"trainable_params": sum(p.numel() for p in params), "train_losses": losses,
+            "train_seconds": time.perf_counter() - started, "path": f"peft {kind} loop"}
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one (row, lr, seed, steps), then evaluate its exported adapter with stock PEFT."""
+    import torch
+    from peft import PeftModel
+
+    from qpa.data import fixed_batches, read_jsonl, tokenize_records
+    from qpa.models import load_base_model
+    from qpa.training import finetune
+
+    torch.set_num_threads(spec["threads"])
+    row, config = ROWS[spec["row"]], spec["config"]
+    output = Path(tempfile.mkdtemp(prefix=f"frontier-{spec['row']}-"))
+    wall = time.perf_counter()
+    try:
+        if row.peft is None and not spec.get("loop"):
+            from qpa.config import parse_config
+
+            metrics = finetune(parse_config(config), output, resume=False)
+            events = [json.loads(line) for line in (output / "events.jsonl").open()]
+            result = {
+                "trainable_params": metrics["trainable_params"],
+                "train_losses": [e["loss"] for e in events if e["type"] == "step"],
+                "train_seconds": metrics["train_seconds"], "path": "qpa.training.finetune",
+                "trainer_eval_loss": metrics["eval_loss_after"],
+                "quantum": metrics.get("quantum") and {
+                    k: metrics["quantum"][k] for k in ("jobs", "circuits", "shots", "seconds")},
+            }
+            for key in ("num_qubits", "circuit_angles", "mapping_mlp_params",
+                        "oft_equivalent_params"):
+                if key in metrics:
+                    result[key] = metrics[key]
+        else:
+            kind, options = row.peft or ("lora", {"r": 4, "lora_alpha": 8})
+            result = _loop(kind, options, config, output)
+        base, tokenizer, _ = load_base_model(BASE_MODEL, "cpu")
+        examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
+                                    config["train"]["max_length"], "eval_file")
+        eval_set = fixed_batches(examples, config["train"]["batch_size"],
+                                 spec["eval_batches"], tokenizer.pad_token_id)
+        if spec["row"] == REFERENCE:  # the base loss is the same for every run: once per row
+            result["eval_loss_base"] = _evaluate(base, eval_set)
+        stock = PeftModel.from_pretrained(base, output / "adapter")
+        result["eval_loss"] = _evaluate(stock, eval_set)
+        result["eval_chunks"] = sum(len(b["input_ids"]) for b in eval_set)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    result["wall_seconds"] = time.perf_counter() - wall
+    return result
+
+
+# -- scheduling -----------------------------------------------------------------------------
+
+
+def _key(spec: dict[str, Any]) -> str:
+    config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
+    if preset := _preset_options(config):  # a changed preset is a new run
+        config["preset_options"] = preset
+    text = json.dumps({"row": spec["row"], "loop": spec["loop"], "config": config},
+                      sort_keys=True)
+    return f"{spec['row']}|lr={spec['lr']:g}|seed={spec['seed']}|steps={spec['steps']}|" \
+           + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _preset_options(config: dict[str, Any]) -> dict[str, Any] | None:
+    from qpa.config import CompoundOptions, QpaOptions
+
+    sections = {"qpa": QpaOptions, "compound": CompoundOptions}
+    section = sections.get(config["method"])
+    preset = config.get(config["method"], {}).get("preset") if section else None
+    return section.PRESETS[preset] if preset else None
+
+
+def _spec(name: str, lr: float, seed: int, steps: int, s: dict[str, Any],
+          data: dict[str, str], loop: bool = False) -> dict[str, Any]:
+    row = ROWS[name]
+    config = _job_config(row, lr, seed, steps, s, data)
+    return {"row": name, "lr": lr, "seed": seed, "steps": steps, "loop": loop,
+            "config": config, "threads": s["threads"], "eval_batches": s["eval_batches"]}
+
+
+def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
+    """Run what is missing, ``workers`` processes at a time; save after every finished run."""
+    todo = [spec for spec in specs if _key(spec) not in results["runs"]]
+    running: list[tuple[dict[str, Any], subprocess.Popen, Path]] = []
+    while todo or running:
+        while todo and len(running) < workers:
+            spec = todo.pop(0)
+            out = Path(tempfile.mkstemp(suffix=".json")[1])
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.bench_frontier", "--one", json.dumps(spec),
+                 "--out", str(out)], cwd=REPO_ROOT, env=thread_env(spec["threads"]))
+            running.append((spec, process, out))
+        time.sleep(2)
+        for item in list(running):
+            spec, process, out = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            key = _key(spec)
+            if process.returncode == 0:
+                results["runs"][key] = {**{k: spec[k] for k in ("row", "lr", "seed", "steps",
+                                                                "loop")},
+                                        **json.loads(out.read_text())}
+                run = results["runs"][key]
+                print(f"{key}: eval loss {run['eval_loss']:.4f} "
+                      f"({run['wall_seconds']:.0f} s)", flush=True)
+            else:
+                print(f"{key}: FAILED (exit {process.returncode})", flush=True)
+            out.unlink(missing_ok=True)
+            write_json(NAME, results)
+
+
+def chosen_rates(results: dict[str, Any], rows: list[str]) -> dict[str, dict[str, Any]]:
+    """Per row: the sweep's losses per rate and the rate with the lowest loss."""
+    s = results["settings"]
+    out: dict[str, dict[str, Any]] = {}
+    for name in rows:
+        if ROWS[name].of:
+            continue
+        losses = {run["lr"]: run["eval_loss"] for run in results["runs"].values()
+                  if run["row"] == name and run["steps"] == s["sweep_steps"] and run["seed"] == 0
+                  and not run["loop"]}
+        if losses:
+            best = min(losses, key=losses.get)
+            out[name] = {"lr": best, "losses": {f"{lr:g}": v for lr, v in sorted(losses.items())},
+                         "at_edge": best in (min(s["lr_grid"]), max(s["lr_grid"]))}
+    for name in rows:
+        if ROWS[name].of and ROWS[name].of in out:
+            out[name] = {"lr": out[ROWS[name].of]["lr"], "from": ROWS[name].of}
+    return out
+
+
+# -- summary --------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    s = results["settings"]
+    rates = results.get("rates", {})
+    finals = [run for run in results["runs"].values()
+              if run["steps"] == s["steps"] and not run["loop"]
+              and rates.get(run["row"], {}).get("lr") == run["lr"]]
+    bases = [run["eval_loss_base"] for run in results["runs"].values() if "eval_loss_base" in run]
+    base = statistics.fmean(bases) if bases else math.nan
+    rows: dict[str, Any] = {}
+    for name in ROWS:
+        runs = sorted((run for run in finals if run["row"] == name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        losses = [run["eval_loss"] for run in runs]
+        rows[name] = {
+            "eval_loss_mean": statistics.fmean(losses),
+            "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "eval_losses": {str(run["seed"]): run["eval_loss"] for run in runs},
+            "trainable_params": runs[0]["trainable_params"], "lr": runs[0]["lr"],
+            "seconds_per_step": statistics.median(
+                run["train_seconds"] / max(len(run["train_losses"]), 1) for run in runs),
+        }
+    reference = rows.get(REFERENCE)
+    for row in rows.values():
+        if reference:
+            gain = base - reference["eval_loss_mean"]
+            row["share_of_reference_gain"] = (base - row["eval_loss_mean"]) / gain
+            row["params_vs_reference"] = row["trainable_params"] / reference["trainable_params"]
+    return {"base_eval_loss": base, "rows": rows}
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 8's targets, each judged on the measured rows."""
+    rows = summary["rows"]
+    ref = rows.get(REFERENCE)
+    if not ref:
+        return []
+    qpa = {n: r for n, r in rows.items() if ROWS[n].family == "QPA"}
+    out = []
+
+    def add(target: str, met: bool | None, evidence: str) -> None:
+        out.append({"target": target, "met": met, "evidence": evidence})
+
+    bar = ref["eval_loss_mean"] + ref["eval_loss_std"]
+    small = {n: r for n, r in qpa.items() if r["params_vs_reference"] <= 0.15}
+    best = min(small.items(), key=lambda item: item[1]["eval_loss_mean"], default=None)
+    add("QPA at <= 15 % of LoRA r=4's parameters with mean eval loss <= LoRA r=4 mean + 1 std",
+        best is not None and best[1]["eval_loss_mean"] <= bar,
+        f"best {best[0]}: {best[1]['eval_loss_mean']:.4f} at {best[1]['params_vs_reference']:.1%}"
+        f" vs {bar:.4f}" if best else "no QPA row at <= 15 %")
+    beats = []
+    for name, row in qpa.items():
+        peers = [n for n, r in rows.items() if (n == "lora_r1" or ROWS[n].family == "VeRA")
+                 and r["trainable_params"] >= row["trainable_params"]]
+        if peers:
+            ok = all(row["eval_loss_mean"] < rows[p]["eval_loss_mean"] for p in peers)
+            beats.append((name, ok, peers))
+    add("QPA beats LoRA r=1 and VeRA of equal or larger size",
+        bool(beats) and all(ok for _, ok, _ in beats),
+        "; ".join(f"{n} vs {', '.join(p)}: {'yes' if ok else 'no'}" for n, ok, p in beats))
+    parent, frozen = rows.get("qpa_balanced"), rows.get("qpa_balanced_frozen")
+    if parent and frozen:
+        diff = frozen["eval_loss_mean"] - parent["eval_loss_mean"]
+        std = max(parent["eval_loss_std"], frozen["eval_loss_std"])
+        add("trained angles beat frozen angles by more than the seed std", diff > std,
+            f"frozen - trained = {diff:+.4f}, seed std {std:.4f}")
+    tiny = {n: r for n, r in qpa.items() if r["params_vs_reference"] <= 0.02}
+    best = max(tiny.items(), key=lambda item: item[1]["share_of_reference_gain"], default=None)
+    add("QPA at <= 2 % of LoRA's parameters reaches >= 90 % of its gain",
+        best is not None and best[1]["share_of_reference_gain"] >= 0.90,
+        f"{best[0]}: {best[1]['share_of_reference_gain']:.1%} at "
+        f"{best[1]['params_vs_reference']:.2%}" if best else "no QPA row at <= 2 %")
+    compound = {n: r for n, r in rows.items() if ROWS[n].family == "compound"
+                and r["params_vs_reference"] <= 0.023}
+    best = max(compound.items(), key=lambda item: item[1]["share_of_reference_gain"],
+               default=None)
+    add("compound at <= 2.3 % of LoRA's parameters reaches >= 99 % of its gain",
+        best is not None and best[1]["share_of_reference_gain"] >= 0.99,
+        f"{best[0]}: {best[1]['share_of_reference_gain']:.1%} at "
+        f"{best[1]['params_vs_reference']:.2%}" if best else "no compound row at <= 2.3 %")
+    return out
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def settings_for(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    return {
+        "steps": args.steps or (6 if quick else 150),
+        "sweep_steps": args.sweep_steps or (3 if quick else 60),
+        "seeds": [0] if quick else [0, 1, 2],
+        "lr_grid": [1e-2] if quick else [1e-3, 3e-3, 1e-2, 3e-2],
+        "batch_size": 4, "max_length": 32 if quick else 128,
+        "eval_batches": 2 if quick else args.eval_chunks // 4,
+        "schedule": "cosine", "warmup": 0.06, "threads": 1, "trainer_eval_batches": 1,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from qpa.datasets import write_pydoc_dataset
+
+    s = settings_for(args)
+    rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
+    previous = read_json(NAME) if not args.quick else None
+    # Runs are keyed by their full config, so rows may change; the protocol may not.
+    protocol = [k for k in s if k != "lr_grid"]  # a wider grid keeps the runs it has
+    same = previous and all(previous["settings"].get(k) == s[k] for k in protocol)
+    results = previous if same else {
+        "mode": "quick" if args.quick else "full", "settings": s, "runs": {}}
+    results["settings"] = s
+    results["machine"] = machine_facts()
+    data_dir = Path(tempfile.mkdtemp(prefix="frontier-data-"))
+    train, evaluation = write_pydoc_dataset(data_dir)
+    data = {"train": str(train), "eval": str(evaluation)}
+    started = time.perf_counter()
+    try:
+        sweep = [_spec(name, lr, 0, s["sweep_steps"], s, data) for name in rows
+                 if not ROWS[name].of for lr in s["lr_grid"]]
+        run_specs(sweep, results, args.workers)
+        results["rates"] = {**results.get("rates", {}), **chosen_rates(results, rows)}
+        final = [_spec(name, results["rates"][name]["lr"], seed, s["steps"], s, data)
+                 for seed in s["seeds"] for name in rows if name in results["rates"]]
+        if args.check_loop or args.quick:
+            final.append(_spec(REFERENCE, results["rates"][REFERENCE]["lr"], 0, s["steps"], s,
+                               data, loop=True))
+        run_specs(final, results, args.workers)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
+    return finish(results)
+
+
+def finish(results: dict[str, Any]) -> dict[str, Any]:
+    results["summary"] = summarise(results)
+    results["targets"] = targets(results["summary"])
+    s = results["settings"]
+    loop = [r for r in results["runs"].values() if r["loop"]]
+    direct = {(r["lr"], r["seed"]): r for r in results["runs"].values()
+              if r["row"] == REFERENCE and r["steps"] == s["steps"] and not r["loop"]}
+    results["checks"] = {"loop_vs_finetune": [
+        abs(r["eval_loss"] - direct[(r["lr"], r["seed"])]["eval_loss"]) for r in loop
+        if (r["lr"], r["seed"]) in direct]}
+    write_json(NAME, results)
+    plot(results)
+    return results
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    summary = results["summary"]
+    headers = ["row", "trainable params", "% of LoRA r=4", "lr", "eval loss (mean ± std)",
+               "share of LoRA r=4's gain", "s / step"]
+    out = [["base model", "0", "0", "-", f"{summary['base_eval_loss']:.4f}", "0", "-"]]
+    for name, row in sorted(summary["rows"].items(),
+                            key=lambda item: (ROWS[item[0]].family, item[1]["trainable_params"])):
+        out.append([
+            ROWS[name].label, f"{row['trainable_params']:,}",
+            f"{row.get('params_vs_reference', math.nan):.2%}", f"{row['lr']:g}",
+            f"{row['eval_loss_mean']:.4f} ± {row['eval_loss_std']:.4f}",
+            f"{row.get('share_of_reference_gain', math.nan):.1%}",
+            f"{row['seconds_per_step']:.2f}"])
+    return headers, out
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    headers, rows = table(results)
+    rates = results.get("rates", {})
+    sweep_rows = [[ROWS[name].label, *[f"{info['losses'].get(f'{lr:g}', math.nan):.4f}"
+                                       for lr in s["lr_grid"]], f"{info['lr']:g}"]
+                  for name, info in rates.items() if "losses" in info]
+    target_rows = [[t["target"], {True: "met", False: "not met", None: "-"}[t["met"]],
+                    t["evidence"]] for t in results.get("targets", [])]
+    lines = [
+        f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
+        f" {s['threads']} thread per run, {results.get('wall_s', 0) / 3600:.1f} h of runs. "
+        f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, cosine "
+        f"schedule with {s['warmup']:.0%} warm-up, seeds {', '.join(map(str, s['seeds']))}; "
+        f"held-out loss of the exported adapter loaded by stock PEFT on "
+        f"{s['eval_batches'] * s['batch_size']} fixed 128-token chunks.",
+        "", markdown_table(headers, rows), "",
+        f"Learning-rate sweep ({s['sweep_steps']} steps, seed 0, held-out loss):", "",
+        markdown_table(["row", *[f"lr {lr:g}" for lr in s["lr_grid"]], "chosen"], sweep_rows),
+        "", markdown_table(["target (issue 8)", "verdict", "measured"], target_rows),
+        "", "![Held-out loss against trainable parameters](../bench/results/frontier.png)",
+    ]
+    if results["mode"] == "quick":
+        lines += ["", "**Quick mode is a smoke test**: it says every row trains and exports, "
+                  "not how good it is."]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any]) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    summary = results["summary"]
+    figure, axis = plt.subplots(figsize=(8, 5), dpi=110)
+    families: dict[str, list[tuple[int, float, float, str]]] = {}
+    for name, row in summary["rows"].items():
+        families.setdefault(ROWS[name].family, []).append(
+            (row["trainable_params"], row["eval_loss_mean"], row["eval_loss_std"],
+             ROWS[name].label))
+    for family, points in sorted(families.items()):
+        points.sort()
+        xs, ys, errs, labels = zip(*points, strict=True)
+        style = "o" if "ablation" in family else "o-"
+        axis.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=family)
+        if "ablation" in family:
+            for x, y, label in zip(xs, ys, labels, strict=True):
+                axis.annotate(label.split(", ")[-1], (x, y), fontsize=6, alpha=0.7)
+    axis.axhline(summary["base_eval_loss"], color="gray", linestyle="--", label="base model")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("held-out eval loss (mean ± std over seeds)")
+    axis.set_title(f"SmolLM2-135M on held-out pydoc topics, {results['settings']['steps']} "
+                   f"steps ({results['mode']} mode)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.text(0.01, 0.01, machine_line(results["machine"]), fontsize=7, alpha=0.7)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    path = results_path(NAME, ".png")
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
+    parser.add_argument("--steps", type=int, default=None, help="final budget (default 150)")
+    parser.add_argument("--sweep-steps", type=int, default=None, help="default 60")
+    parser.add_argument("--eval-chunks", type=int, default=48)
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--check-loop", action="store_true",
+                        help="also run LoRA r=4 in the PEFT loop (must equal finetune's)")
+    parser.add_argument("--rows", help="comma-separated subset of rows (default: all)")
+    parser.add_argument("--docs-only", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _quiet()
+    if args.one:
+        Path(args.out).write_text(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    if args.docs_only:
+        results = read_json(NAME)
+        if results is None:
+            print("no bench/results/frontier.json yet", file=sys.stderr)
+            return 1
+        finish(results)
+    else:
+        results = run(args)
+    print_table(*table(results))
+    for target in results["targets"]:
+        print(f"- {target['target']}: {'met' if target['met'] else 'not met'} "
+              f"({target['evidence']})")
+    return 0
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("qpa").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
