@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full serve clean
+.PHONY: demo test lint bench bench-full frontier serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[service,dev,bench]'
 	$(BIN)/python -m bench.run_all
+
+# The quality frontier of docs/BENCHMARKS.md section 4 (resumable; hours on 2 CPU cores).
+frontier: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[service,dev,bench]'
+	$(BIN)/python -m bench.bench_frontier
+	$(BIN)/python -m bench.run_all --docs-only --only bench_frontier
 
 clean:
 	rm -rf $(VENV) runs

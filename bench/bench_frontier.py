@@ -225,6 +225,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _name(results: dict[str, Any]) -> str:
+    """Quick runs keep their own files: a smoke test never replaces the committed numbers."""
+    return NAME if results["mode"] == "full" else f"{NAME}_quick"
+
+
+def _save(results: dict[str, Any]) -> None:
+    write_json(_name(results), results)
+
+
 # -- scheduling -----------------------------------------------------------------------------
 
 
@@ -284,7 +293,7 @@ def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int
             else:
                 print(f"{key}: FAILED (exit {process.returncode})", flush=True)
             out.unlink(missing_ok=True)
-            write_json(NAME, results)
+            _save(results)
 
 
 def chosen_rates(results: dict[str, Any], rows: list[str]) -> dict[str, dict[str, Any]]:
@@ -453,7 +462,7 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
     results["checks"] = {"loop_vs_finetune": [
         abs(r["eval_loss"] - direct[(r["lr"], r["seed"])]["eval_loss"]) for r in loop
         if (r["lr"], r["seed"]) in direct]}
-    write_json(NAME, results)
+    _save(results)
     plot(results)
     return results
 
@@ -534,7 +543,7 @@ def plot(results: dict[str, Any]) -> Path | None:
     axis.legend(fontsize=8)
     figure.text(0.01, 0.01, machine_line(results["machine"]), fontsize=7, alpha=0.7)
     figure.tight_layout(rect=(0, 0.03, 1, 1))
-    path = results_path(NAME, ".png")
+    path = results_path(_name(results), ".png")
     figure.savefig(path)
     plt.close(figure)
     return path

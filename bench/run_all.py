@@ -50,7 +50,7 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_overhead": (300, 2400),
     "bench_service": (180, 1200),
     "bench_scaling": (1200, 3600),
-    "bench_quality": (420, 7200),
+    "bench_frontier": (900, 86400),  # full: ~10 h on 2 CPU cores, minutes on a GPU
 }
 DEFAULT_BUDGET = (300, 3600)
 

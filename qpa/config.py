@@ -36,6 +36,8 @@ class _PresetSection(_Section):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     LEARNING_RATES: ClassVar[dict[str, float]] = {}
+    #: What the frontier measured for each preset, quoted by the model card.
+    MEASURED: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -50,6 +52,10 @@ class _PresetSection(_Section):
     @property
     def learning_rate(self) -> float:
         return self.LEARNING_RATES[self.preset]
+
+    def matches_preset(self) -> bool:
+        """True when no option differs from the preset (the measured point applies)."""
+        return self.model_dump() == type(self)(preset=self.preset).model_dump()
 
 
 class LoraOptions(_Section):
@@ -124,6 +130,13 @@ class QpaOptions(_PresetSection):
     features: Annotated[int, Field(ge=1, le=64, description=(
         "Circuits per sub-generator; the mapping MLP reads one post-processed probability "
         "of each per chunk."))] = 1
+    basis_bits: bool = Field(
+        default=True,
+        description="Feed chunk j's basis-state bits to the mapping MLP next to p_j. False: "
+        "the MLP reads only the post-processed p_j of the `features` circuits, so the "
+        "circuits alone tell the chunks apart and training them measurably helps "
+        "(docs/BENCHMARKS.md section 4); use with features >= 4.",
+    )
     postprocess: Literal["standardize", "scaled", "paper"] = Field(
         default="standardize",
         description="How p_j becomes the MLP's input: standardize = (p - mean) / std; "
@@ -140,12 +153,13 @@ class QpaOptions(_PresetSection):
 class CompoundOptions(_PresetSection):
     """Quantum-inspired compound adapters (Coyle & Raj 2025): orthogonal, multiplicative."""
 
-    # Sizes on SmolLM2 q/v (576-wide inputs): compact 6 shared blocks of 96 -> one 13x13 U
-    # per module (78 angles); balanced 3 shared blocks of 192 -> 19x19 (171); paper 4
-    # unshared blocks of 144 -> four 16x16 (480).
+    # Block counts are powers of two so that they divide common widths (576, 896, 4096).
+    # On SmolLM2 q/v (576-wide inputs): compact 8 shared blocks of 72 -> one 11x11 U per
+    # module (55 angles); balanced 4 shared blocks of 144 -> one 16x16 (120); paper 4
+    # unshared blocks -> four 16x16 (480, the default before presets existed).
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "compact": {"orders": [1, 2], "blocks": 6, "block_share": True},
-        "balanced": {"orders": [1, 2], "blocks": 3, "block_share": True},
+        "compact": {"orders": [1, 2], "blocks": 8, "block_share": True},
+        "balanced": {"orders": [1, 2], "blocks": 4, "block_share": True},
         "paper": {"orders": [1, 2], "blocks": 4, "block_share": False},
     }
     LEARNING_RATES: ClassVar[dict[str, float]] = {
@@ -155,7 +169,7 @@ class CompoundOptions(_PresetSection):
     preset: Literal["compact", "balanced", "paper"] = Field(
         default="balanced",
         description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
-        "(~2 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~4.5 %), paper (~12.5 %). "
+        "(~1.4 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~3.1 %), paper (~12.5 %). "
         "It fills every option left out, and train.lr.",
     )
 

@@ -94,6 +94,12 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
         oft = params["oft_equivalent_params"]
         lines.append(f"| PEFT OFT (same block size) parameters | {oft:,} |")
         lines.append(f"| ratio to OFT | {params['trainable_params'] / oft:.2%} |")
+    section = getattr(config, config.method, None)
+    if hasattr(section, "preset"):
+        lines.append(f"| preset | {section.preset}"
+                     + ("" if section.matches_preset() else " (options changed)") + " |")
+    lines.append(f"| learning rate | {config.train.lr:g}, {config.train.schedule}, "
+                 f"{config.train.warmup_steps} warm-up steps |")
     lines += [
         f"| eval loss before → after | {_fmt(metrics['eval_loss_before'])} → "
         f"{_fmt(metrics['eval_loss_after'])} |",
@@ -109,6 +115,9 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
             f"{quantum['jobs']} primitive jobs, {quantum['circuits']} circuits, "
             f"{quantum['shots']} shots, {quantum['seconds']:.2f} s.",
         ]
+    measured = getattr(section, "MEASURED", {}).get(getattr(section, "preset", None))
+    if measured and section.matches_preset():
+        lines += ["", "## Measured quality of this preset", "", measured]
     notes = export_info.get("notes")
     if notes:
         lines += ["", "## Export notes", "", *([notes] if isinstance(notes, str) else notes)]

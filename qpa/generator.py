@@ -5,7 +5,9 @@ share of the chunks and a circuit of n = ceil(log2(chunks per sub-generator)) qu
 Chunk j of a sub-generator is tied to basis state j (a fixed, deterministic assignment;
 the authors' code re-draws it at random on every call). The mapping MLP reads
 (bits of basis state j as +-1, the post-processed p_j of each of ``features`` circuits)
-and writes the chunk's values.
+and writes the chunk's values. Without the bits (``read_bits=False``, config
+``qpa.basis_bits``) only the circuits' probabilities tell the chunks apart: the design in
+which training the circuit pays.
 
 Ablations replace the circuit's p by a fixed distribution (``fix_distribution``): its value
 at the initial angles (angles frozen), the uniform one (the MLP sees the bits only) or an
@@ -103,11 +105,12 @@ class QPAGenerator(nn.Module):
 
     def __init__(self, num_values: int, *, chunk_size: int, depth: int, ansatz: str,
                  mlp_hidden: list[int], sub_generators: int, features: int = 1,
-                 postprocess: str = "standardize", seed: int = 0):
+                 read_bits: bool = True, postprocess: str = "standardize", seed: int = 0):
         super().__init__()
         self.num_values = num_values
         self.chunk_size = chunk_size
         self.features = features
+        self.read_bits = read_bits
         self.postprocess = postprocess
         self.chunks_per_sub, self.num_qubits = plan_qubits(
             num_values, chunk_size, sub_generators, ansatz
@@ -122,7 +125,8 @@ class QPAGenerator(nn.Module):
                        generator=generator, dtype=torch.float64) * 2 * math.pi
         )
         self.mlps = nn.ModuleList(
-            MappingMLP(self.num_qubits + features, mlp_hidden, chunk_size)
+            MappingMLP((self.num_qubits if read_bits else 0) + features, mlp_hidden,
+                       chunk_size)
             for _ in range(sub_generators)
         )
         if ansatz == "rbs":
@@ -266,6 +270,7 @@ class QPAGenerator(nn.Module):
         inputs = inputs.view(self.num_subs, self.features, -1)
         outputs = []
         for sub, mlp in enumerate(self.mlps):
-            features = torch.cat([self.state_bits, inputs[sub].T], dim=1)
+            bits = [self.state_bits] if self.read_bits else []
+            features = torch.cat([*bits, inputs[sub].T], dim=1)
             outputs.append(mlp(features).reshape(-1))
         return torch.cat(outputs)[: self.num_values]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from qpa.config import JobConfig
+from qpa.config import CompoundOptions, JobConfig
 from qpa.errors import ConfigError
 from qpa.methods.compound import CompoundMethod
 from qpa.methods.compound.export import convert_to_oft
@@ -331,6 +331,9 @@ EXPORT_CASES = {
     "llama_max": (tiny_llama, LLAMA_TARGETS, {"reduction": "max"}, "LORA"),
     "llama_not_orthogonal": (tiny_llama, LLAMA_TARGETS, {"orthogonal": False}, "LORA"),
     "llama_minus_one": (tiny_llama, LLAMA_TARGETS, {}, "LORA"),
+    # Every preset is an exact stock PEFT OFT adapter.
+    **{f"preset_{name}": (tiny_llama, LLAMA_TARGETS, {"preset": name}, "OFT")
+       for name in CompoundOptions.PRESETS},
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import BLOCKED_IMPORTS_PRELUDE, PROBE_IDS, LogitTrainer, tiny_config
 
-from qpa.config import QpaOptions, parse_config
+from qpa.config import LORA_LEARNING_RATE, QpaOptions, parse_config
 from qpa.errors import ConfigError
 from qpa.methods import method_class
 from qpa.models import load_base_model, resolve_target_modules
@@ -26,6 +26,7 @@ VARIANTS = [
     {"postprocess": "paper"},
     {"generate_a": False},
     {"features": 3},
+    {"features": 4, "basis_bits": False},
     {"ablation": "frozen_angles"},
     {"ablation": "constant_p"},
     {"ablation": "random_p"},
@@ -88,13 +89,14 @@ def _stock_peft_logits(model_dir, adapter_dir):
 @pytest.mark.parametrize("preset", ["compact", "balanced", "paper"])
 def test_each_preset_exports_an_exact_stock_peft_lora(tiny_llama_dir, data_files, tmp_path,
                                                        preset):
-    config = tiny_config(tiny_llama_dir, data_files, steps=3,
-                         qpa={"preset": preset, "depth": 2})
-    # The preset, not tiny_config's chunk and MLP, decides the generator here.
-    config = parse_config({**config.model_dump(mode="json"),
-                           "qpa": {"preset": preset, "depth": 2}})
+    config = tiny_config(tiny_llama_dir, data_files, steps=3)
+    # The preset alone, not tiny_config's chunk and MLP, decides the generator here.
+    config = parse_config({**config.model_dump(mode="json"), "qpa": {"preset": preset}})
     assert config.qpa.chunk_size == QpaOptions.PRESETS[preset]["chunk_size"]
     trainer, metrics = _train(config, tmp_path)
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"| preset | {preset} |" in card  # untouched: the measured numbers apply
+    assert QpaOptions.MEASURED[preset] in card
     assert metrics["eval_loss_after"] != metrics["eval_loss_before"]
     stock = _stock_peft_logits(tiny_llama_dir, tmp_path / "run" / "adapter")
     assert (stock - trainer.trained_logits).abs().max().item() <= 1e-5
@@ -123,6 +125,9 @@ def test_ablations_train_no_angles_and_report_it(tiny_llama_dir, data_files, tmp
         initial = _freshly_attached(config)[0].generator.theta
         moved = not torch.equal(trainer.method.generator.theta.detach(), initial.detach())
         assert moved == (ablation == "none")
+        card = (tmp_path / ablation / "run" / "adapter" / "README.md").read_text()
+        assert "| preset | balanced (options changed) |" in card
+        assert "Measured quality of this preset" not in card
         if ablation != "none":
             assert metrics["circuit_angles"] == 0
             assert metrics["trainable_params"] == metrics["mapping_mlp_params"]
@@ -136,8 +141,9 @@ def test_generate_a_false_keeps_a_at_its_initialisation(tiny_llama_dir, data_fil
 
     config = tiny_config(tiny_llama_dir, data_files, steps=3, qpa={"generate_a": False})
     _, metrics = _train(config, tmp_path)
-    assert metrics["generated_values"] * 2 == metrics["lora_equivalent_params"]  # B only
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    b_values = sum(w.numel() for key, w in weights.items() if ".lora_B." in key)
+    assert metrics["generated_values"] == b_values < metrics["lora_equivalent_params"]  # B only
     _, fresh = _freshly_attached(config)
     checked = 0
     for name, module in fresh.named_modules():
@@ -154,6 +160,7 @@ def test_generate_a_false_keeps_a_at_its_initialisation(tiny_llama_dir, data_fil
     ("ablation", "frozen", "frozen_angles"),
     ("preset", "huge", "compact"),
     ("generate_a", "sometimes", "boolean"),
+    ("basis_bits", "maybe", "boolean"),
 ])
 def test_bad_options_name_the_field(tmp_path, field, value, message):
     with pytest.raises(ConfigError) as caught:
@@ -176,6 +183,27 @@ def test_presets_fill_what_the_job_leaves_out():
     assert default.train.lr == QpaOptions.LEARNING_RATES[default.qpa.preset]
     # A stored (dumped) config parses to itself: the service validates it twice.
     assert parse_config(default.model_dump(mode="json")) == default
+
+
+def test_compound_presets_and_train_options_validate_and_fill():
+    from qpa.config import CompoundOptions
+
+    for name, options in CompoundOptions.PRESETS.items():
+        config = parse_config({"train_file": "x.jsonl", "method": "compound",
+                               "compound": {"preset": name}})
+        assert config.compound.blocks == options["blocks"]
+        assert config.train.lr == CompoundOptions.LEARNING_RATES[name]
+        assert config.compound.matches_preset()
+    changed = parse_config({"train_file": "x.jsonl", "method": "compound",
+                            "compound": {"blocks": 2}})
+    assert changed.compound.blocks == 2 and not changed.compound.matches_preset()
+    lora = parse_config({"train_file": "x.jsonl", "method": "lora"})
+    assert lora.train.lr == LORA_LEARNING_RATE
+    for section, field, value in [("compound", "preset", "tiny"), ("train", "schedule", "step"),
+                                  ("train", "warmup_steps", -1), ("train", "lr", 0)]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"train_file": "x.jsonl", "method": "compound", section: {field: value}})
+        assert caught.value.field == f"{section}.{field}"
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -74,6 +74,7 @@ class QPAMethod(AdapterMethod):
             mlp_hidden=options.mlp_hidden,
             sub_generators=options.sub_generators,
             features=options.features,
+            read_bits=options.basis_bits,
             postprocess=options.postprocess,
             seed=self.config.train.seed,
         )
