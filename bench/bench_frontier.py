@@ -85,6 +85,10 @@ ROWS: dict[str, Row] = {
     "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
     "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}}),
     "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}}),
+    "qpa_compact_frozen": Row(
+        "QPA compact, angles frozen", "QPA ablation",
+        {"method": "qpa", "qpa": {"preset": "compact", "ablation": "frozen_angles"}},
+        of="qpa_compact"),
     "qpa_balanced_frozen": Row(
         "QPA balanced, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
@@ -104,7 +108,7 @@ ROWS: dict[str, Row] = {
     "compound_paper": Row("compound paper", "compound",
                           {"method": "compound", "compound": {"preset": "paper"}}),
 }
-QUICK_ROWS = ["lora_r4", "vera_r16", "oft", "qpa_compact", "qpa_balanced_frozen",
+QUICK_ROWS = ["lora_r4", "vera_r16", "oft", "qpa_compact", "qpa_compact_frozen",
               "compound_compact"]
 
 
@@ -251,8 +255,8 @@ def _preset_options(config: dict[str, Any]) -> dict[str, Any] | None:
     from qpa.config import CompoundOptions, QpaOptions
 
     sections = {"qpa": QpaOptions, "compound": CompoundOptions}
-    section = sections.get(config["method"])
-    preset = config.get(config["method"], {}).get("preset") if section else None
+    section = sections.get(config.get("method"))
+    preset = config[config["method"]].get("preset") if section else None
     return section.PRESETS[preset] if preset else None
 
 
@@ -337,6 +341,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "eval_loss_mean": statistics.fmean(losses),
             "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "eval_losses": {str(run["seed"]): run["eval_loss"] for run in runs},
+            "seeds": len(runs),
             "trainable_params": runs[0]["trainable_params"], "lr": runs[0]["lr"],
             "seconds_per_step": statistics.median(
                 run["train_seconds"] / max(len(run["train_losses"]), 1) for run in runs),
@@ -366,7 +371,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     small = {n: r for n, r in qpa.items() if r["params_vs_reference"] <= 0.15}
     best = min(small.items(), key=lambda item: item[1]["eval_loss_mean"], default=None)
     add("QPA at <= 15 % of LoRA r=4's parameters with mean eval loss <= LoRA r=4 mean + 1 std",
-        best is not None and best[1]["eval_loss_mean"] <= bar,
+        best[1]["eval_loss_mean"] <= bar if best else None,
         f"best {best[0]}: {best[1]['eval_loss_mean']:.4f} at {best[1]['params_vs_reference']:.1%}"
         f" vs {bar:.4f}" if best else "no QPA row at <= 15 %")
     beats = []
@@ -377,18 +382,24 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
             ok = all(row["eval_loss_mean"] < rows[p]["eval_loss_mean"] for p in peers)
             beats.append((name, ok, peers))
     add("QPA beats LoRA r=1 and VeRA of equal or larger size",
-        bool(beats) and all(ok for _, ok, _ in beats),
-        "; ".join(f"{n} vs {', '.join(p)}: {'yes' if ok else 'no'}" for n, ok, p in beats))
-    parent, frozen = rows.get("qpa_balanced"), rows.get("qpa_balanced_frozen")
-    if parent and frozen:
-        diff = frozen["eval_loss_mean"] - parent["eval_loss_mean"]
-        std = max(parent["eval_loss_std"], frozen["eval_loss_std"])
-        add("trained angles beat frozen angles by more than the seed std", diff > std,
-            f"frozen - trained = {diff:+.4f}, seed std {std:.4f}")
+        all(ok for _, ok, _ in beats) if beats else None,
+        "; ".join(f"{n} vs {', '.join(p)}: {'yes' if ok else 'no'}" for n, ok, p in beats)
+        or "no LoRA r=1 or VeRA row measured yet")
+    pairs = []
+    for name in ("qpa_compact", "qpa_balanced"):
+        parent, frozen = rows.get(name), rows.get(f"{name}_frozen")
+        if parent and frozen:
+            diff = frozen["eval_loss_mean"] - parent["eval_loss_mean"]
+            std = max(parent["eval_loss_std"], frozen["eval_loss_std"])
+            pairs.append((name, diff > std, f"{name}: frozen - trained = {diff:+.4f}, "
+                                            f"seed std {std:.4f}"))
+    add("trained angles beat frozen angles by more than the seed std",
+        any(ok for _, ok, _ in pairs) if pairs else None,
+        "; ".join(text for _, _, text in pairs) or "no trained/frozen pair measured yet")
     tiny = {n: r for n, r in qpa.items() if r["params_vs_reference"] <= 0.02}
     best = max(tiny.items(), key=lambda item: item[1]["share_of_reference_gain"], default=None)
     add("QPA at <= 2 % of LoRA's parameters reaches >= 90 % of its gain",
-        best is not None and best[1]["share_of_reference_gain"] >= 0.90,
+        best[1]["share_of_reference_gain"] >= 0.90 if best else None,
         f"{best[0]}: {best[1]['share_of_reference_gain']:.1%} at "
         f"{best[1]['params_vs_reference']:.2%}" if best else "no QPA row at <= 2 %")
     compound = {n: r for n, r in rows.items() if ROWS[n].family == "compound"
@@ -396,7 +407,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     best = max(compound.items(), key=lambda item: item[1]["share_of_reference_gain"],
                default=None)
     add("compound at <= 2.3 % of LoRA's parameters reaches >= 99 % of its gain",
-        best is not None and best[1]["share_of_reference_gain"] >= 0.99,
+        best[1]["share_of_reference_gain"] >= 0.99 if best else None,
         f"{best[0]}: {best[1]['share_of_reference_gain']:.1%} at "
         f"{best[1]['params_vs_reference']:.2%}" if best else "no compound row at <= 2.3 %")
     return out
@@ -453,6 +464,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finish(results: dict[str, Any]) -> dict[str, Any]:
+    # Every row with sweep runs gets its rate, also rows whose finals are still to come.
+    results["rates"] = {**chosen_rates(results, list(ROWS)), **results.get("rates", {})}
     results["summary"] = summarise(results)
     results["targets"] = targets(results["summary"])
     s = results["settings"]
@@ -472,14 +485,15 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     summary = results["summary"]
-    headers = ["row", "trainable params", "% of LoRA r=4", "lr", "eval loss (mean ± std)",
-               "share of LoRA r=4's gain", "s / step"]
-    out = [["base model", "0", "0", "-", f"{summary['base_eval_loss']:.4f}", "0", "-"]]
+    headers = ["row", "trainable params", "% of LoRA r=4", "lr", "seeds",
+               "eval loss (mean ± std)", "share of LoRA r=4's gain", "s / step"]
+    out = [["base model", "0", "0", "-", "-", f"{summary['base_eval_loss']:.4f}", "0", "-"]]
     for name, row in sorted(summary["rows"].items(),
                             key=lambda item: (ROWS[item[0]].family, item[1]["trainable_params"])):
         out.append([
             ROWS[name].label, f"{row['trainable_params']:,}",
             f"{row.get('params_vs_reference', math.nan):.2%}", f"{row['lr']:g}",
+            str(row.get("seeds", len(row["eval_losses"]))),
             f"{row['eval_loss_mean']:.4f} ± {row['eval_loss_std']:.4f}",
             f"{row.get('share_of_reference_gain', math.nan):.1%}",
             f"{row['seconds_per_step']:.2f}"])
@@ -493,11 +507,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     sweep_rows = [[ROWS[name].label, *[f"{info['losses'].get(f'{lr:g}', math.nan):.4f}"
                                        for lr in s["lr_grid"]], f"{info['lr']:g}"]
                   for name, info in rates.items() if "losses" in info]
-    target_rows = [[t["target"], {True: "met", False: "not met", None: "-"}[t["met"]],
+    target_rows = [[t["target"], {True: "met", False: "not met", None: "not measured"}[t["met"]],
                     t["evidence"]] for t in results.get("targets", [])]
     lines = [
         f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
-        f" {s['threads']} thread per run, {results.get('wall_s', 0) / 3600:.1f} h of runs. "
+        f" {s['threads']} thread per run, {len(results['runs'])} runs, "
+        f"{sum(r['wall_seconds'] for r in results['runs'].values()) / 3600:.1f} run-hours. "
         f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, cosine "
         f"schedule with {s['warmup']:.0%} warm-up, seeds {', '.join(map(str, s['seeds']))}; "
         f"held-out loss of the exported adapter loaded by stock PEFT on "
@@ -508,6 +523,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         "", markdown_table(["target (issue 8)", "verdict", "measured"], target_rows),
         "", "![Held-out loss against trainable parameters](../bench/results/frontier.png)",
     ]
+    partial = [ROWS[n].label for n, r in results["summary"]["rows"].items()
+               if r["seeds"] < len(s["seeds"])]
+    missing = [ROWS[n].label for n in ROWS if n not in results["summary"]["rows"]]
+    if partial or missing:
+        lines += ["", "**Partial results.** "
+                  + (f"Fewer than {len(s['seeds'])} seeds so far: {', '.join(partial)}. "
+                     if partial else "")
+                  + (f"No final runs yet: {', '.join(missing)}." if missing else "")]
     if results["mode"] == "quick":
         lines += ["", "**Quick mode is a smoke test**: it says every row trains and exports, "
                   "not how good it is."]
@@ -577,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args)
     print_table(*table(results))
     for target in results["targets"]:
-        print(f"- {target['target']}: {'met' if target['met'] else 'not met'} "
+        verdict = {True: "met", False: "not met", None: "not measured"}[target["met"]]
+        print(f"- {target['target']}: {verdict} "
               f"({target['evidence']})")
     return 0
 
