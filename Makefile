@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-full serve clean
+.PHONY: demo test lint bench bench-full bench-llamacpp test-llamacpp serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[service,dev,bench]'
 	$(BIN)/python -m bench.run_all
+
+# llama.cpp checks of adapter.gguf: llama-cpp-python compiles llama.cpp from its PyPI sdist
+# into bench/.venv-llamacpp (once; about 19 minutes on 2 cores), so they are not in `test`.
+bench-llamacpp: $(STAMP)
+	$(BIN)/python -m bench.bench_llamacpp --build
+
+test-llamacpp: $(STAMP)
+	$(BIN)/python -m bench.bench_llamacpp --build-only
+	QPA_LLAMACPP_PYTHON=$(CURDIR)/bench/.venv-llamacpp/bin/python $(BIN)/python -m pytest -q tests/test_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs

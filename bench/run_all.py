@@ -51,6 +51,8 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_service": (180, 1200),
     "bench_scaling": (1200, 3600),
     "bench_quality": (420, 7200),
+    # Skips itself (exit 0, no results) until `make bench-llamacpp` has built llama.cpp.
+    "bench_llamacpp": (900, 2400),
 }
 DEFAULT_BUDGET = (300, 3600)
 
