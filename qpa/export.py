@@ -127,7 +127,8 @@ def _other_formats(metrics: dict[str, Any]) -> list[str]:
         lines += [
             "", f"**Merged model** (`{merged['folder']}/` beside this folder, {merged['dtype']}, "
             f"{merged['method']}; largest logit difference from the trained model "
-            f"{merged['max_logit_diff_vs_trained']:.1e}):", "",
+            f"{merged['max_logit_diff_vs_trained']:.1e}, where the adapter moves logits by up "
+            f"to {merged['max_logit_change_by_adapter']:.2g}):", "",
             "```python",
             "from transformers import AutoModelForCausalLM",
             f"model = AutoModelForCausalLM.from_pretrained('path/to/{merged['folder']}')",

@@ -408,7 +408,6 @@ class Trainer:
         self.emit("done", step=config.steps, metrics=metrics)
         return metrics
 
-
     def _write_plot(self, copy_to: Path | None = None) -> bool:
         """loss.png from events.jsonl; a failure is logged, never fatal to the job."""
         title = (f"{self.config.method} on {Path(self.config.base_model).name}: "

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import PROBE_IDS, LogitTrainer, tiny_config
+from helpers import PROBE_IDS, tiny_config, trained_job
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -37,29 +36,9 @@ from qpa.exports.plot import (
 )
 from qpa.training import finetune
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_FORMATS = {"formats": ["peft", "merged", "gguf"]}
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # as helpers.trained_job
 RUNS = [("tiny_llama_dir", "qpa"), ("tiny_llama_dir", "lora"), ("tiny_llama_dir", "compound"),
         ("tiny_gpt2_dir", "lora"), ("tiny_gpt2_dir", "compound")]
-_CACHE: dict[tuple[str, str], tuple[LogitTrainer, dict[str, Any], Path, Path]] = {}
-
-
-def _run(request: pytest.FixtureRequest, model_fixture: str, method: str) -> tuple[
-        LogitTrainer, dict[str, Any], Path, Path]:
-    """Train each (model, method) once with every export format; shared by the tests."""
-    key = (model_fixture, method)
-    if key not in _CACHE:
-        model_dir = request.getfixturevalue(model_fixture)
-        data = request.getfixturevalue("data_files")
-        out = request.getfixturevalue("tmp_path_factory").mktemp(f"{method}-{model_fixture}")
-        lora = {"target_modules": LLAMA_TARGETS} if model_fixture == "tiny_llama_dir" else {}
-        config = tiny_config(model_dir, data, method=method, steps=4, lora=lora,
-                             compound={"blocks": 2}, export=ALL_FORMATS,
-                             train={"lr": 3e-2, "eval_every": 2})
-        trainer = LogitTrainer(config, out)
-        metrics = trainer.run()
-        _CACHE[key] = (trainer, metrics, out, model_dir)
-    return _CACHE[key]
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -69,7 +48,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize(("model_fixture", "method"), RUNS)
 def test_merged_equals_peft_logits(request, model_fixture, method):
-    trainer, metrics, out, model_dir = _run(request, model_fixture, method)
+    trainer, metrics, out, model_dir = trained_job(request, model_fixture, method)
     merged_dir = out / "merged"
     assert (merged_dir / "config.json").is_file() and (merged_dir / "model.safetensors").is_file()
     assert not (merged_dir / "adapter_config.json").exists()
@@ -85,6 +64,7 @@ def test_merged_equals_peft_logits(request, model_fixture, method):
     assert facts["method"] == ("exact weights" if method == "compound"
                                else "peft merge_and_unload")
     assert facts["max_logit_diff_vs_trained"] <= 1e-4
+    assert facts["max_logit_change_by_adapter"] > 1e-3
 
 
 def _llama_rotary_order(out_features: int, heads: int) -> list[int]:
@@ -116,7 +96,7 @@ def _rows_in_gguf_order(name: str, rows: np.ndarray, config: dict[str, Any]) -> 
 
 @pytest.mark.parametrize(("model_fixture", "method"), RUNS)
 def test_gguf_adapter_reads_back_in_llama_cpp_layout(request, model_fixture, method):
-    _, metrics, out, model_dir = _run(request, model_fixture, method)
+    _, metrics, out, model_dir = trained_job(request, model_fixture, method)
     metadata, tensors = read_gguf(out / "adapter.gguf")
     model_config = json.loads((model_dir / "config.json").read_text())
     assert metadata["general.architecture"] == model_config["model_type"]
@@ -181,7 +161,7 @@ def _colour_pixels(png: bytes, colour: str, tolerance: int = 40) -> int:
 
 
 def test_loss_plot_is_a_png_with_both_curves(request):
-    _, metrics, out, _ = _run(request, "tiny_llama_dir", "lora")
+    _, metrics, out, _ = trained_job(request, "tiny_llama_dir", "lora")
     assert metrics["loss_plot"] == "loss.png"
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")

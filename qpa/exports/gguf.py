@@ -143,6 +143,7 @@ def write_lora_gguf(path: Path, form: LoraForm, config: Any, *, dtype: str = "f3
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(temporary, 0o644)  # mkstemp made it private; it is a deliverable
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

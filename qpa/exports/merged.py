@@ -5,7 +5,8 @@ adapter is merged into it: by PEFT's own ``merge_and_unload`` of the adapter fol
 just wrote (``qpa``, ``lora``), or with the exact weights a method computes itself
 (``AdapterMethod.merged_weights``: compound's ``W R^T`` in float64). Before anything is
 written, the merged model's logits on a probe sequence are compared with the trained
-model's; the largest difference goes into metrics.json.
+model's; the largest difference (and the adapter's own effect on those logits, for scale)
+goes into metrics.json.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest logit difference between the fp32 merged model and the trained model that we
-# ship: fp32 merges reach ~1e-6 on the test models; a wrong merge is off by far more.
-LOGIT_TOLERANCE = 1e-3
+# ship, relative to the largest logit: merging changes the order of fp32 sums, which costs
+# ~1e-7 on the 2-layer test models and up to 2.3e-5 (6.8e-4 absolute) on SmolLM2's 30
+# layers; a wrong merge is off by the adapter's whole effect.
+LOGIT_TOLERANCE = 1e-4
 
 
 class MergeError(RuntimeError):
@@ -45,11 +48,14 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def merge_model(base_model_path: str, adapter_dir: Path,
-                merged_weights: dict[str, torch.Tensor] | None) -> nn.Module:
-    """A fresh fp32 base model with the adapter merged in (a plain transformers model)."""
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32,
+def load_base(base_model_path: str) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32,
                                                 local_files_only=True)
+
+
+def merge_model(base: nn.Module, adapter_dir: Path,
+                merged_weights: dict[str, torch.Tensor] | None) -> nn.Module:
+    """``base`` (a fresh fp32 copy, changed in place) with the adapter merged in."""
     if merged_weights is None:
         from peft import PeftModel
 
@@ -68,12 +74,16 @@ def write_merged(directory: Path, *, base_model_path: str, adapter_dir: Path,
                  merged_weights: dict[str, torch.Tensor] | None, trained: nn.Module,
                  dtype: str = "float32") -> dict[str, Any]:
     """Write the merged folder atomically (staging folder + rename); return its facts."""
-    model = merge_model(base_model_path, adapter_dir, merged_weights)
-    ids = probe_ids(int(model.config.vocab_size))
-    difference = (logits_of(model, ids) - logits_of(trained, ids)).abs().max().item()
-    if not difference <= LOGIT_TOLERANCE:
+    base = load_base(base_model_path)
+    ids = probe_ids(int(base.config.vocab_size))
+    base_logits = logits_of(base, ids)
+    model = merge_model(base, adapter_dir, merged_weights)
+    trained_logits = logits_of(trained, ids)
+    difference = (logits_of(model, ids) - trained_logits).abs().max().item()
+    tolerance = LOGIT_TOLERANCE * max(1.0, trained_logits.abs().max().item())
+    if not difference <= tolerance:
         raise MergeError(f"merged model's logits differ from the trained model's by "
-                         f"{difference:.2e} (> {LOGIT_TOLERANCE}); not written")
+                         f"{difference:.2e} (> {tolerance:.1e}); not written")
     model.to(DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(base_model_path, local_files_only=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +94,7 @@ def write_merged(directory: Path, *, base_model_path: str, adapter_dir: Path,
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
+        directory.chmod(0o755)  # mkdtemp made it private; it is a deliverable
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
@@ -93,4 +104,7 @@ def write_merged(directory: Path, *, base_model_path: str, adapter_dir: Path,
         "dtype": dtype,
         "method": "peft merge_and_unload" if merged_weights is None else "exact weights",
         "max_logit_diff_vs_trained": difference,
+        # How much the adapter moves the same logits: the difference above is only
+        # meaningful when it is far below this.
+        "max_logit_change_by_adapter": (trained_logits - base_logits).abs().max().item(),
     }
