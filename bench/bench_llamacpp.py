@@ -20,12 +20,14 @@ on the adapter's *effect*: delta = logits(with adapter) - logits(base), per runt
 
     relative error = ||delta_llama.cpp - delta_PEFT|| / ||delta_PEFT||   (over all logits)
 
-with the tolerances ``TOLERANCES``. This runs on two llama.cpp bases: the shipped Q4_1
-file, and the same weights de-quantised to F32 (``dequantised_gguf``), where the two
-runtimes' base logits agree to float rounding and the tolerance is tight. A negative
+with the tolerances ``TOLERANCES``, on three llama.cpp set-ups (``LLAMA_OPTIONS``): the
+shipped Q4_1 file with llama.cpp's defaults, the same with an F32 KV cache, and the same
+weights de-quantised to F32 (``dequantised_gguf``), where the two runtimes' base logits
+agree to float rounding and the tolerance is tight. A negative
 control writes the lora job's adapter without the q/k row interleaving llama.cpp's Llama
-layout needs: it loads fine and must fail the tolerance, showing that the comparison can
-tell a wrong layout.
+layout needs: it loads fine, and on F32 it must fail by orders of magnitude, showing that
+the comparison can tell a wrong layout (on Q4_1 it cannot: the quantisation noise is as
+large as the error a wrong layout causes).
 
 The llama.cpp runtime: ``bench/.venv-llamacpp`` with ``llama-cpp-python==LLAMA_CPP_VERSION``
 built from the PyPI sdist (gcc + cmake, native CPU flags); its build time is recorded in
@@ -66,16 +68,31 @@ LLAMA_CPP_VERSION = "0.3.36"
 VENV = REPO_ROOT / "bench" / ".venv-llamacpp"
 VENV_PYTHON = VENV / "bin" / "python"
 WORKER = REPO_ROOT / "bench" / "llamacpp_worker.py"
-#: Largest relative error of llama.cpp's logit change against PEFT's that passes, per base:
-#: the shipped Q4_1 file (llama.cpp also quantises activations to Q8 there, so the change
-#: carries the runtime's quantisation noise), and the same weights de-quantised to F32.
-TOLERANCES = {"q4_1": 0.15, "f32": 1e-3}
-#: llama.cpp context options per base. Q4_1 runs as users run it (defaults: F16 KV cache);
-#: the F32 check also keeps the KV cache in F32 and attention unfused (with the default F16
-#: cache the base logits alone differ from transformers' by 1.2e-2, with F32 by 6e-5).
+#: llama.cpp bases and context options. Q4_1 is the shipped file run as users run it
+#: (defaults: F16 KV cache); then the same file with an F32 KV cache; then the weights
+#: de-quantised to F32 with an F32 KV cache and unfused attention, where llama.cpp and
+#: transformers compute the same function (base logits: 9e-5 apart; with the default F16
+#: cache, 1.2e-2).
 LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
-    "q4_1": {}, "f32": {"type_k": 0, "type_v": 0, "flash_attn": False}}  # 0 = GGML_TYPE_F32
+    "q4_1": {},
+    "q4_1_f32kv": {"type_k": 0, "type_v": 0},  # 0 = GGML_TYPE_F32
+    "f32": {"type_k": 0, "type_v": 0, "flash_attn": False},
+}
+BASE_LABELS = {"q4_1": "Q4_1", "q4_1_f32kv": "Q4_1, F32 KV cache",
+               "f32": "F32, F32 KV cache"}
+#: Largest relative error of llama.cpp's logit change against PEFT's that passes, per base.
+#: On F32 only float rounding separates the runtimes, so this is the exactness check. On
+#: Q4_1 llama.cpp multiplies with Q8-quantised activations (and by default an F16 KV
+#: cache); the same adapter.gguf then deviates by 0.1-0.27 for 6-step jobs at lr 1e-2 --
+#: the quantised runtime's noise, not the export's (the F32 row is the same file). That
+#: tolerance cannot tell a wrong layout apart (the negative control lands at 0.23).
+TOLERANCES = {"q4_1": 0.3, "q4_1_f32kv": 0.3, "f32": 1e-3}
 METHODS = ("lora", "qpa", "compound")
+#: Threads for torch and llama.cpp alike. One by default, as in every bench here: on the
+#: shared 2-core machine, two spinning threads per process stall each other whenever other
+#: jobs hold a core (SmolLM2 training steps took 188 s with two threads at load 8, 12 s
+#: with one).
+THREADS = int(os.environ.get("QPA_BENCH_THREADS", "1"))
 
 
 # -- the llama.cpp runtime ---------------------------------------------------------------
@@ -120,9 +137,9 @@ def build_llamacpp() -> dict[str, Any]:
 
 def run_llamacpp(python: Path, model: Path, adapters: dict[str, Path], ids: list[list[int]],
                  workdir: Path, options: dict[str, Any] | None = None,
-                 threads: int = 2) -> tuple[dict[str, np.ndarray], dict]:
+                 threads: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     request = {"model": str(model), "adapters": {k: str(v) for k, v in adapters.items()},
-               "ids": ids, "threads": threads, "options": options or {},
+               "ids": ids, "threads": threads or THREADS, "options": options or {},
                "output": str(workdir / "llamacpp.npz")}
     path = workdir / "llamacpp_request.json"
     path.write_text(json.dumps(request))
@@ -321,8 +338,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         data = write_pydoc_dataset(workdir / "data", max_train=64, max_eval=32)
         _, tokenizer, _ = load_base_model("smollm2-135m")
         ids = probe_ids(tokenizer, data[1], sequences, length)
-        bases = {"q4_1": base_gguf(),
-                 "f32": dequantised_gguf(base_gguf(), workdir / "smollm2-f32.gguf")}
+        f32 = dequantised_gguf(base_gguf(), workdir / "smollm2-f32.gguf")
+        bases = {"q4_1": base_gguf(), "q4_1_f32kv": base_gguf(), "f32": f32}
         rows = []
         for method in args.methods:
             started = time.perf_counter()
@@ -368,7 +385,7 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row["method"],
                 f"rank {gguf['rank']}, {gguf['bytes'] / 2**20:.1f} MiB",
                 f"{row['delta_peft_max_abs']:.2f}",
-                base_name.upper(),
+                BASE_LABELS[base_name],
                 f"{result['delta']['relative_error']:.1e} ({verdict} ≤ "
                 f"{results['tolerances'][base_name]:g})",
                 f"{result['delta']['max_abs_diff']:.1e}",
@@ -396,7 +413,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             if "wrong_layout" in result:
                 wrong = result["wrong_layout"]
                 lines.append(
-                    f"- Negative control on {base_name.upper()}: the {row['method']} adapter "
+                    f"- Negative control on {BASE_LABELS[base_name]}: the {row['method']} adapter "
                     "written without the q/k row interleaving loads and runs, with relative "
                     f"error {wrong['relative_error']:.2f} (correlation "
                     f"{wrong['correlation']:.3f}; the right layout: "
@@ -406,7 +423,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         diffs = [row["bases"][base_name]["base_max_abs_diff_hf_vs_llamacpp"]
                  for row in results["rows"]]
         lines.append(f"- Base logits alone, transformers (fp32) vs llama.cpp on "
-                     f"{base_name.upper()}: max abs difference {max(diffs):.1e}.")
+                     f"{BASE_LABELS[base_name]}: max abs difference {max(diffs):.1e}.")
     merged = [f"{row['method']} {row['merged_vs_peft_max_abs_diff']:.1e}"
               for row in results["rows"]]
     lines.append(f"- Merged folder vs PEFT-loaded adapter on SmolLM2 (fp32), max abs logit "
@@ -432,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built in {build_llamacpp()['seconds'] / 60:.1f} min")
         print(f"llama.cpp runtime: {llamacpp_python()}")
         return 0 if llamacpp_python() is not None else 1
-    torch.set_num_threads(int(os.environ.get("QPA_BENCH_THREADS", "2")))
+    torch.set_num_threads(THREADS)
     results = run(args)
     if results is None:
         return 0
