@@ -57,7 +57,8 @@ def test_health_and_docs_need_no_key(stack: ServiceStack) -> None:
     assert httpx.get(f"{stack.url}/docs").status_code == 200
     paths = httpx.get(f"{stack.url}/openapi.json").json()["paths"]
     for path in ("/v1/files", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
-                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter", "/v1/backends",
+                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter",
+                 "/v1/jobs/{job_id}/plot", "/v1/backends",
                  "/v1/keys"):
         assert path in paths
 
