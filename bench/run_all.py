@@ -51,6 +51,8 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_service": (180, 1200),
     "bench_scaling": (1200, 3600),
     "bench_frontier": (900, 86400),  # full: ~10 h on 2 CPU cores, minutes on a GPU
+    # Skips itself (exit 0, no results) until `make bench-llamacpp` has built llama.cpp.
+    "bench_llamacpp": (900, 2400),
 }
 DEFAULT_BUDGET = (300, 3600)
 

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from qpa.config import load_config
 from qpa.errors import ConfigError, JobCancelled, QPAError
+from qpa.exports.plot import sparkline
 
 app = typer.Typer(help="QPA: quantum-generated and quantum-inspired adapters for LLMs.",
                   no_args_is_help=True, add_completion=False)
@@ -75,12 +76,14 @@ def finetune(
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console)
     task = progress.add_task("preparing", total=config.steps, info="")
+    losses: list[float] = []
 
     def on_event(event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "step":
             quantum = event.get("quantum")
-            info = f"loss {event['loss']:.3f}"
+            losses.append(event["loss"])
+            info = f"loss {event['loss']:.3f} {sparkline(losses, 24)}"
             if quantum:
                 info += f" | {quantum['jobs']} quantum jobs"
             progress.update(task, completed=event["step"], description="training", info=info)
@@ -142,6 +145,11 @@ def _summary(metrics: dict[str, Any], target: Path) -> None:
     if metrics.get("sample"):
         console.print(f"[dim]sample:[/] {metrics['sample'].strip()}")
     adapter = target / "adapter"
+    if metrics.get("loss_plot"):
+        console.print(f"loss curve: {target / metrics['loss_plot']}")
+    for name, facts in (metrics.get("exports") or {}).items():
+        if name != "peft":
+            console.print(f"{name} export: {target / (facts.get('folder') or facts['file'])}")
     console.print(f"\n[green]adapter written to[/] {adapter}")
     console.print(
         "load it with stock PEFT:\n"

@@ -264,6 +264,35 @@ class TrainOptions(_Section):
     )
 
 
+EXPORT_FORMATS = ("peft", "merged", "gguf")
+
+
+class ExportOptions(_Section):
+    """What a job writes for inference besides metrics.json and loss.png."""
+
+    formats: list[Literal["peft", "merged", "gguf"]] = Field(
+        default_factory=lambda: ["peft"],
+        description="peft: <output>/adapter/ (always written: the model card and the service's "
+        "download live there); merged: <output>/merged/, the base model with the adapter merged "
+        "in (transformers folder, safetensors); gguf: <output>/adapter.gguf, a llama.cpp LoRA "
+        "adapter (llama and gpt2 architectures; compound jobs export their exact weight change "
+        "as a LoRA).",
+    )
+    merged_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weight dtype of the merged folder."
+    )
+    gguf_dtype: Literal["f32", "f16"] = Field(
+        default="f32", description="Tensor type of adapter.gguf (llama.cpp's --outtype)."
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct_formats(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must list distinct formats from {list(EXPORT_FORMATS)}")
+        return value
+
+
 class JobConfig(_Section):
     """A fine-tuning job. The top-level keys are the public contract."""
 
@@ -286,6 +315,7 @@ class JobConfig(_Section):
     compound: CompoundOptions = Field(default_factory=CompoundOptions)
     quantum: QuantumOptions = Field(default_factory=QuantumOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)
+    export: ExportOptions = Field(default_factory=ExportOptions)
 
     @field_validator("backend")
     @classmethod

@@ -118,7 +118,43 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
     measured = getattr(section, "MEASURED", {}).get(getattr(section, "preset", None))
     if measured and section.matches_preset():
         lines += ["", "## Measured quality of this preset", "", measured]
+    if metrics.get("loss_plot"):
+        lines += ["", "## Loss", "", f"![train and eval loss]({metrics['loss_plot']})"]
+    lines += _other_formats(metrics)
     notes = export_info.get("notes")
     if notes:
         lines += ["", "## Export notes", "", *([notes] if isinstance(notes, str) else notes)]
     return "\n".join(lines) + "\n"
+
+
+def _other_formats(metrics: dict[str, Any]) -> list[str]:
+    """Model-card lines for the merged folder and the GGUF adapter, when the job wrote them."""
+    exports = metrics.get("exports") or {}
+    lines: list[str] = []
+    merged = exports.get("merged")
+    if merged:
+        lines += [
+            "", f"**Merged model** (`{merged['folder']}/` beside this folder, {merged['dtype']}, "
+            f"{merged['method']}; largest logit difference from the trained model "
+            f"{merged['max_logit_diff_vs_trained']:.1e}, where the adapter moves logits by up "
+            f"to {merged['max_logit_change_by_adapter']:.2g}):", "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            f"model = AutoModelForCausalLM.from_pretrained('path/to/{merged['folder']}')",
+            "```",
+        ]
+    gguf = exports.get("gguf")
+    if gguf:
+        lines += [
+            "", f"**llama.cpp LoRA adapter** (`{gguf['file']}` beside this folder, "
+            f"{gguf['tensor_type']}, rank {gguf['rank']}, alpha {gguf['alpha']:g}), applied to "
+            "the base model's GGUF:", "",
+            "```bash",
+            f"llama-cli -m base-model.gguf --lora path/to/{gguf['file']}",
+            "```",
+        ]
+        if gguf.get("notes"):
+            lines += ["", gguf["notes"]]
+    if lines:
+        lines = ["", "## Other formats", *lines]
+    return lines

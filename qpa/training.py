@@ -38,6 +38,8 @@ from qpa.data import (
 from qpa.distributed import SINGLE_PROCESS, DataParallel, check_nproc, check_world, launch
 from qpa.errors import ConfigError, JobCancelled
 from qpa.export import load_checkpoint, model_card, save_checkpoint, write_json
+from qpa.exports.formats import check_exports, write_exports
+from qpa.exports.plot import LOSS_PLOT, write_loss_plot
 from qpa.methods import method_class
 from qpa.methods.base import AdapterMethod
 from qpa.models import load_base_model, resolve_target_modules
@@ -157,6 +159,8 @@ class Trainer:
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
         self.target_modules = resolve_target_modules(model, config.lora.target_modules)
+        check_exports(config, model, self.target_modules)
+        self.base_config = model.config
         self.train_examples = tokenize_records(
             self.tokenizer, train_records, config.train.max_length, "train_file"
         )
@@ -239,6 +243,8 @@ class Trainer:
         }
         save_checkpoint(self.state_dir, payload, self.config)
         self.emit("checkpoint", step=step)
+        if not extra.get("finished"):
+            self._write_plot()  # so a running job's curve can be looked at
 
     def _restore(self, payload: dict[str, Any]) -> int:
         self.method.load_state_dict(payload["method_state"])
@@ -382,6 +388,9 @@ class Trainer:
         self.emit("eval", step=config.steps, eval_loss=eval_after)
         adapter_dir = self.output_dir / "adapter"
         export_info = self.method.export_adapter(adapter_dir)
+        exports = write_exports(config, self.method, self.output_dir,
+                                base_model_path=self.base_model_path,
+                                base_config=self.base_config, trained=self.model)
         tail = self.losses[-10:]
         metrics: dict[str, Any] = {
             "qpa_version": qpa.__version__,
@@ -403,14 +412,27 @@ class Trainer:
             "mixed_precision": self.mixed_precision,
             "gradient_checkpointing": config.train.gradient_checkpointing,
             "export": export_info,
+            "exports": exports,
         }
         metrics["sample"] = self.sample()
+        metrics["loss_plot"] = LOSS_PLOT if self._write_plot(copy_to=adapter_dir) else None
         metrics["wall_seconds"] = time.perf_counter() - wall_start
         write_json(self.output_dir / "metrics.json", metrics)
         (adapter_dir / "README.md").write_text(model_card(config, metrics, export_info))
         self._checkpoint(config.steps, finished=True)
         self.emit("done", step=config.steps, metrics=metrics)
         return metrics
+
+    def _write_plot(self, copy_to: Path | None = None) -> bool:
+        """loss.png from events.jsonl; a failure is logged, never fatal to the job."""
+        title = (f"{self.config.method} on {Path(self.config.base_model).name}: "
+                 f"{self.config.steps} steps")
+        try:
+            return write_loss_plot(self.output_dir, title, copy_to=copy_to) is not None
+        except Exception as error:
+            self.emit("log", level="error",
+                      message=f"loss plot not written: {type(error).__name__}: {error}")
+            return False
 
 
 def _perplexity(loss: float | None) -> float | None:

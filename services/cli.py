@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from qpa.exports.plot import sparkline
 from services.client import APIError, QPAClient
 
 jobs_app = typer.Typer(help="Submit and follow jobs on a QPA server (QPA_API_URL, QPA_API_KEY).",
@@ -214,15 +215,26 @@ def jobs_download(
     job_id: str,
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to unpack into.")] =
     Path("."),
+    export_format: Annotated[str, typer.Option(
+        "--format", "-f", help="peft (adapter folder), merged (transformers folder with the "
+        "adapter merged in) or gguf (llama.cpp LoRA file); merged and gguf need the job's "
+        "export.formats to have asked for them.")] = "peft",
 ) -> None:
-    """Download a succeeded job's PEFT adapter and print the folder to load it from."""
+    """Download a succeeded job's adapter and print the path to load it from."""
+    if export_format not in ("peft", "merged", "gguf"):
+        raise _fail(ValueError(f"--format: {export_format!r} is not one of peft, merged, gguf"))
     try:
         with _client() as client:
-            folder = client.download_adapter(job_id, output)
+            path = client.download(job_id, output, export_format)
     except APIError as error:
         raise _fail(error) from None
-    err.print(f"adapter unpacked; load it with PeftModel.from_pretrained(base, '{folder}')")
-    print(folder)
+    hint = {
+        "peft": f"load it with PeftModel.from_pretrained(base, '{path}')",
+        "merged": f"load it with AutoModelForCausalLM.from_pretrained('{path}')",
+        "gguf": f"use it with llama-cli -m <base model>.gguf --lora {path}",
+    }[export_format]
+    err.print(f"{export_format} export downloaded; {hint}")
+    print(path)
 
 
 def _watch(client: QPAClient, job_id: str) -> int:
@@ -234,11 +246,14 @@ def _watch(client: QPAClient, job_id: str) -> int:
                                  total=job["progress"]["total_steps"] or None,
                                  completed=job["progress"]["step"], info="")
         info: dict[str, Any] = {}
+        losses: list[float] = []
         for event in client.stream_events(job_id):
             data = event["data"]
             kind = event["type"]
             if kind == "step":
-                info["loss"] = f"loss {data.get('loss', 0):.4f}"
+                if data.get("loss") is not None:
+                    losses.append(float(data["loss"]))
+                info["loss"] = f"loss {data.get('loss', 0):.4f} {sparkline(losses, 24)}"
                 quantum = data.get("quantum") or {}
                 if quantum.get("circuits"):
                     info["q"] = f"{quantum['circuits']} circuits {quantum.get('seconds', 0):.1f}s"

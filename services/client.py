@@ -5,6 +5,7 @@
     for event in client.stream_events(job["id"]):     # server-sent events until it ends
         print(event["type"], event["data"])
     client.download_adapter(job["id"], "adapters/")
+    client.download(job["id"], "models/", "merged")   # or "gguf": adapter.gguf
 
 Connection failures are retried with exponential backoff (tenacity), a bounded number of
 times, then reported as ``APIError`` with status 0; a dropped event stream reconnects from
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -190,26 +192,48 @@ class QPAClient:
             stream.close()
 
     def download_adapter(self, job_id: str, directory: str | Path = ".") -> Path:
-        """Download and unpack the adapter; returns the folder PEFT loads from."""
+        """Download and unpack the PEFT adapter; returns the folder PEFT loads from."""
+        return self.download(job_id, directory, "peft")
+
+    def download(self, job_id: str, directory: str | Path = ".",
+                 export_format: str = "peft") -> Path:
+        """Download a succeeded job's export into ``directory/<job id>/``; returns what to
+        load: the ``adapter`` folder (peft), the ``merged`` folder, or ``adapter.gguf``."""
         target = Path(directory) / job_id
         with tempfile.TemporaryDirectory() as scratch:
-            archive = Path(scratch) / "adapter.tar.gz"
+            downloaded = Path(scratch) / ("adapter.gguf" if export_format == "gguf"
+                                          else "download.tar")
             try:
-                self._retrying(f"download of {job_id}'s adapter", (httpx.TransportError,))(
-                    self._download, f"/v1/jobs/{job_id}/adapter", archive)
+                self._retrying(f"download of {job_id}'s {export_format} export",
+                               (httpx.TransportError,))(
+                    self._download, f"/v1/jobs/{job_id}/adapter", {"format": export_format},
+                    downloaded)
             except httpx.TransportError as error:
                 raise self._unreachable(error) from None
-            # Only a downloaded adapter makes a folder (an error leaves nothing behind).
+            # Only a downloaded export makes a folder (an error leaves nothing behind).
             target.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(archive) as tar:
+            if export_format == "gguf":
+                path = target / "adapter.gguf"
+                partial = path.with_name(path.name + ".part")
+                try:  # scratch may be on another filesystem: never a half-copied file
+                    shutil.move(downloaded, partial)
+                    partial.replace(path)
+                finally:
+                    partial.unlink(missing_ok=True)
+                return path
+            with tarfile.open(downloaded) as tar:  # gzip (peft) or plain (merged), detected
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(target, filter="data")
                 else:  # pragma: no cover - Python without PEP 706 filters
                     tar.extractall(target)  # noqa: S202
-        return target / "adapter"
+        return target / ("adapter" if export_format == "peft" else export_format)
 
-    def _download(self, path: str, destination: Path) -> None:
-        with self._http.stream("GET", path) as response:
+    def loss_plot(self, job_id: str) -> bytes:
+        """The job's loss curve as PNG bytes (404 until its first checkpoint)."""
+        return self._request("GET", f"/v1/jobs/{job_id}/plot").content
+
+    def _download(self, path: str, params: dict[str, str], destination: Path) -> None:
+        with self._http.stream("GET", path, params=params) as response:
             if response.is_error:
                 response.read()
                 raise APIError(response.status_code, _detail(response))

@@ -70,3 +70,29 @@ BLOCKED_IMPORTS_PRELUDE = textwrap.dedent(
         raise SystemExit("qiskit must not be importable here")
     """
 )
+
+
+# One training per (tiny model, method) for the whole session, shared by the export tests
+# (test_export_roundtrip, test_exports): every export format, four Llama projections (so
+# k_proj's grouped heads are covered too), an evaluation every two steps.
+_TRAINED: dict[tuple[str, str], tuple[LogitTrainer, dict[str, Any], Path, Path]] = {}
+
+
+def trained_job(request: Any, model_fixture: str, method: str
+                ) -> tuple[LogitTrainer, dict[str, Any], Path, Path]:
+    """(trainer with ``trained_logits``, metrics, output folder, base model folder)."""
+    key = (model_fixture, method)
+    if key not in _TRAINED:
+        model_dir = request.getfixturevalue(model_fixture)
+        data = request.getfixturevalue("data_files")
+        out = request.getfixturevalue("tmp_path_factory").mktemp(f"{method}-{model_fixture}")
+        lora = ({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+                if model_fixture == "tiny_llama_dir" else {})
+        config = tiny_config(model_dir, data, method=method, steps=4, lora=lora,
+                             compound={"blocks": 2},
+                             export={"formats": ["peft", "merged", "gguf"]},
+                             train={"lr": 3e-2, "eval_every": 2})
+        trainer = LogitTrainer(config, out)
+        metrics = trainer.run()
+        _TRAINED[key] = (trainer, metrics, out, model_dir)
+    return _TRAINED[key]

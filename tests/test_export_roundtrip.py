@@ -10,7 +10,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import BLOCKED_IMPORTS_PRELUDE, PROBE_IDS, LogitTrainer, tiny_config
+from helpers import (
+    BLOCKED_IMPORTS_PRELUDE,
+    PROBE_IDS,
+    LogitTrainer,
+    tiny_config,
+    trained_job,
+)
 
 
 def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
@@ -36,13 +42,10 @@ def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
 @pytest.mark.parametrize("method", ["qpa", "lora", "compound"])
 def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, method,
-                                                      data_files, tmp_path):
-    model_dir = request.getfixturevalue(model_fixture)
-    config = tiny_config(model_dir, data_files, method=method, steps=4,
-                         compound={"blocks": 2}, train={"lr": 3e-2})
-    trainer = LogitTrainer(config, tmp_path / "out")
-    metrics = trainer.run()
-    adapter = tmp_path / "out" / "adapter"
+                                                      tmp_path):
+    # Shared with tests/test_exports.py: one training per (model, method).
+    trainer, metrics, out, model_dir = trained_job(request, model_fixture, method)
+    adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()
     card = (adapter / "README.md").read_text()

@@ -1,20 +1,22 @@
-"""Jobs: create, list, read, events (list or server-sent events), cancel, adapter."""
+"""Jobs: create, list, read, events (list or server-sent events), cancel, adapter
+(in each exported format), loss plot."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Header, Query, Request, status
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api.deps import ArtifactsDep, CeleryDep, CurrentKey, SessionDep, SettingsDep
 from api.errors import RequestError, ServiceRoute
 from api.schemas import (
     JOB_BODY_EXAMPLE,
+    ErrorResponse,
     EventList,
     EventObject,
     JobList,
@@ -30,6 +32,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ServiceRoute,
                    responses=error_responses(401))
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+# A file served as it is (archive, GGUF, PNG).
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 def _owned_job(session: Any, job_id: str, owner_id: str) -> store.Job:
@@ -183,23 +187,61 @@ def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
 
 
 @router.get("/{job_id}/adapter", response_class=FileResponse,
-            responses={**error_responses(404, 409, 410, 422),
-                       200: {"description": "`adapter/…` (stock PEFT) as a .tar.gz.",
-                             "content": {"application/gzip": {
-                                 "schema": {"type": "string", "format": "binary"}}}}})
-def download_adapter(job_id: str, key: CurrentKey, session: SessionDep,
-                     artifacts: ArtifactsDep, settings: SettingsDep) -> FileResponse:
-    """The stock PEFT adapter folder as `adapter/…` in a .tar.gz, once the job succeeded."""
+            responses={**error_responses(409, 410, 422),
+                       404: {"model": ErrorResponse, "description": "No such job for this "
+                             "API key, or the job did not export this format."},
+                       200: {"description": "peft: `adapter/…` as a .tar.gz; merged: "
+                             "`merged/…` as a .tar; gguf: the file `adapter.gguf`.",
+                             "content": {media_type: BINARY for media_type in (
+                                 "application/gzip", "application/x-tar",
+                                 "application/octet-stream")}}})
+def download_adapter(
+    job_id: str, key: CurrentKey, session: SessionDep, artifacts: ArtifactsDep,
+    settings: SettingsDep,
+    export_format: Annotated[Literal["peft", "merged", "gguf"], Query(
+        alias="format",
+        description="peft: `adapter/…` in a .tar.gz (stock PEFT; with loss.png); merged: "
+        "`merged/…` in a .tar (transformers folder with the adapter merged in); gguf: the "
+        "llama.cpp LoRA adapter file. merged and gguf exist when the job's "
+        "`export.formats` asked for them.")] = "peft",
+) -> FileResponse:
+    """A succeeded job's adapter in one of the formats it exported."""
     job = _owned_job(session, job_id, key.id)
     if job.status != "succeeded":
         raise RequestError(status.HTTP_409_CONFLICT,
                            f"job {job_id} is {job.status}; the adapter is available once "
                            "it has succeeded")
+    exported = (job.config.get("export") or {}).get("formats") or ["peft"]
+    if export_format != "peft" and export_format not in exported:
+        raise RequestError(status.HTTP_404_NOT_FOUND,
+                           f"format: job {job_id} did not export {export_format!r} (its "
+                           f"export.formats is {exported}); submit the job with export: "
+                           f"{{formats: [peft, {export_format}]}}", "format")
     try:
-        archive = artifacts.adapter_archive(job_id)
+        path, media_type, filename = artifacts.export_download(job_id, export_format)
     except FileNotFoundError:
         raise RequestError(status.HTTP_410_GONE,
-                           f"job {job_id}'s adapter is missing from the artifact store "
-                           f"({settings.resolved_artifact_dir})") from None
-    return FileResponse(archive, media_type="application/gzip",
-                        filename=f"{job_id}-adapter.tar.gz")
+                           f"job {job_id}'s {export_format} export is missing from the "
+                           f"artifact store ({settings.resolved_artifact_dir})") from None
+    return FileResponse(path, media_type=media_type, filename=filename)
+
+
+@router.get("/{job_id}/plot", response_class=Response,
+            responses={**error_responses(422),
+                       404: {"model": ErrorResponse, "description": "No such job for this "
+                             "API key, or no plot yet (before the first checkpoint)."},
+                       200: {"description": "The loss curve (train loss per step, eval loss "
+                             "at each evaluation).", "content": {"image/png": BINARY}}})
+def loss_plot(job_id: str, key: CurrentKey, session: SessionDep,
+              artifacts: ArtifactsDep) -> Response:
+    """The job's loss curve as PNG: train loss per step, eval loss at each evaluation.
+    Written at every checkpoint while the job runs and once more when it ends."""
+    _owned_job(session, job_id, key.id)
+    try:
+        # Read whole (tens of KB): the trainer replaces the file atomically at checkpoints.
+        png = artifacts.loss_plot(job_id).read_bytes()
+    except FileNotFoundError:
+        raise RequestError(status.HTTP_404_NOT_FOUND,
+                           f"job {job_id} has no loss plot yet (it is written at the "
+                           "first checkpoint)") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})

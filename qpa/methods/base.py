@@ -15,6 +15,8 @@ from torch import nn
 
 from qpa.config import JobConfig
 from qpa.distributed import SINGLE_PROCESS, DataParallel
+from qpa.errors import ConfigError
+from qpa.exports.lora import LoraForm, NotLoraError, read_peft_lora
 
 
 class AdapterMethod(ABC):
@@ -102,6 +104,22 @@ class AdapterMethod(ABC):
 
         Returns facts for the model card (e.g. the PEFT type, caveats of the export).
         """
+
+    def merged_weights(self) -> dict[str, torch.Tensor] | None:
+        """Exact merged weights by module name, in each layer's own layout, or None to let
+        PEFT's ``merge_and_unload`` merge the exported adapter (the ``merged`` format)."""
+        return None
+
+    def lora_form(self, adapter_dir: Path) -> LoraForm:
+        """This job's adapter as plain LoRA factors (what the ``gguf`` format writes).
+
+        Default: read back the stock PEFT LoRA that ``export_adapter`` wrote. A method whose
+        export is another PEFT type must override this (or ``gguf`` fails at export time).
+        """
+        try:
+            return read_peft_lora(adapter_dir)
+        except NotLoraError as error:
+            raise ConfigError("export.formats", f"gguf: method {self.name}: {error}") from None
 
     @abstractmethod
     def parameter_report(self) -> dict[str, Any]:

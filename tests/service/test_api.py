@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import ServiceStack, job_config
+from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,17 @@ def _error(response: httpx.Response, status: int, *words: str, field: str | None
 
 @pytest.fixture(scope="module")
 def finished_job(http: httpx.Client, train_id: str, tiny_llama_dir: Path) -> str:
-    """A job of this key that has ended (cancelled while queued) and has events."""
+    """A job of this key that has ended and has events: cancelled while queued, or, when an
+    idle worker took it first, cancelled at its next step (or finished: 1 step)."""
     job = http.post("/v1/jobs", json=job_config(tiny_llama_dir, train_id, steps=1)).json()
-    assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    cancel = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancel.status_code in (200, 409), cancel.text  # 409: it already succeeded
+
+    def ended() -> str | None:
+        status = http.get(f"/v1/jobs/{job['id']}").json()["status"]
+        return status if status in TERMINAL else None
+
+    wait_for(ended, HANG_GUARD, f"job {job['id']} to end")
     return job["id"]
 
 
@@ -57,7 +65,8 @@ def test_health_and_docs_need_no_key(stack: ServiceStack) -> None:
     assert httpx.get(f"{stack.url}/docs").status_code == 200
     paths = httpx.get(f"{stack.url}/openapi.json").json()["paths"]
     for path in ("/v1/files", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
-                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter", "/v1/backends",
+                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter",
+                 "/v1/jobs/{job_id}/plot", "/v1/backends",
                  "/v1/keys"):
         assert path in paths
 

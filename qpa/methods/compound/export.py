@@ -162,12 +162,17 @@ def _write_oft(layers: dict[str, CompoundLinear], conversions: dict[str, OftConv
     return max(conversion.weight_error for conversion in conversions.values())
 
 
-def _write_lora(layers: dict[str, CompoundLinear], directory: Path,
-                base_name: str | None) -> tuple[int, float]:
+def exact_lora(layers: dict[str, CompoundLinear]
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """Per module fp32 (A, B) with B @ A = W (R^T - I), zero-padded to one rank; the rank;
+    and the largest deviation of the merged weight it implies from the trained one.
+
+    Raises RuntimeError past ``WEIGHT_TOLERANCE``: never ship a wrong adapter.
+    """
     factors = {name: lora_factors(layer) for name, layer in layers.items()}
     # One rank for all modules (zero-padded): robust, needs no per-module rank_pattern keys.
     rank = max(up.shape[1] for up, _ in factors.values())
-    state: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     worst = 0.0
     for name, (up, down) in factors.items():
         in_features, out_features = layer_widths(layers[name].base_layer)
@@ -176,11 +181,20 @@ def _write_lora(layers: dict[str, CompoundLinear], directory: Path,
         lora_a[: down.shape[0]] = down.to(torch.float32)
         lora_b[:, : up.shape[1]] = up.to(torch.float32)
         worst = max(worst, _merged_error(layers[name], lora_b.double() @ lora_a.double()))
-        state[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+        out[name] = (lora_a.contiguous(), lora_b.contiguous())
     if not worst <= WEIGHT_TOLERANCE:
-        # Checked before anything is written: never leave a wrong adapter on disk.
         raise RuntimeError(f"merged-weight export deviates by {worst:.1e}; refusing to ship it")
+    return out, rank, worst
+
+
+def _write_lora(layers: dict[str, CompoundLinear], directory: Path,
+                base_name: str | None) -> tuple[int, float]:
+    # Checked before anything is written (exact_lora raises on a deviation).
+    factors, rank, worst = exact_lora(layers)
+    state: dict[str, torch.Tensor] = {}
+    for name, (lora_a, lora_b) in factors.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        state[f"base_model.model.{name}.lora_B.weight"] = lora_b
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,

@@ -155,10 +155,13 @@ class CompoundLinear(nn.Module):
         return self.base_layer(rotated.to(previous_dtype).contiguous(), *args, **kwargs)
 
     @torch.no_grad()
-    def effective_weight(self) -> torch.Tensor:
-        """The merged weight, in the base layer's own layout (Linear: W R^T, Conv1D: R W)."""
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The merged weight, in the base layer's own layout (Linear: W R^T, Conv1D: R W),
+        computed in ``dtype`` (default: the base weight's)."""
         weight = self.base_layer.weight
-        rotation = self.compound.full_rotation().to(weight.dtype)
+        if dtype is not None:
+            weight = weight.to(dtype)
+        rotation = self.compound.full_rotation(dtype).to(weight.dtype)
         return rotation @ weight if self.is_conv1d else weight @ rotation.T
 
     def linear_weight(self) -> torch.Tensor:

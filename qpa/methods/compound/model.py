@@ -15,6 +15,7 @@ from torch import nn
 
 from qpa.config import CompoundOptions, JobConfig
 from qpa.errors import ConfigError
+from qpa.exports.lora import LoraForm
 from qpa.methods.base import AdapterMethod
 from qpa.methods.compound.layer import SUPPORTED_LAYERS, CompoundLinear, layer_widths
 from qpa.methods.compound.minors import plan_layout
@@ -88,6 +89,22 @@ class CompoundMethod(AdapterMethod):
         if self.model is None:
             raise RuntimeError("attach() the method to a model before exporting")
         return export_compound_adapter(self.model, self.layers, Path(directory))
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """W R^T (Conv1D: R W) per module, from the trained parameters in float64."""
+        return {name: layer.effective_weight(torch.float64) for name, layer in self.layers.items()}
+
+    def lora_form(self, adapter_dir: Path) -> LoraForm:
+        """The exact weight change W (R^T - I) of every module as a LoRA (llama.cpp has no
+        OFT): rank up to the active block coordinates, lora_alpha = rank (scaling 1)."""
+        from qpa.methods.compound.export import exact_lora
+
+        factors, rank, error = exact_lora(self.layers)
+        notes = (f"llama.cpp has no orthogonal adapters, so adapter.gguf carries the compound "
+                 f"adapter's exact weight change W (R^T - I) of every module as a LoRA of rank "
+                 f"{rank} (largest weight deviation {error:.1e}); it is much larger than the "
+                 "trained adapter.")
+        return LoraForm(factors, alpha=float(rank), rank=rank, notes=notes)
 
     def parameter_report(self) -> dict[str, Any]:
         return compound_parameter_report(self.layers, self.config.lora.r)
