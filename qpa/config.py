@@ -95,6 +95,18 @@ class QpaOptions(_PresetSection):
         "compact": 1e-2, "balanced": 1e-2, "paper": 1e-2,
     }
 
+    MEASURED: ClassVar[dict[str, str]] = {
+        "compact": "Research runs (SmolLM2-135M q/v, 60 steps, seeds 0-2): 51 % of LoRA r=4's "
+        "held-out loss gain with 1.8 % of its parameters; trained angles beat frozen ones by "
+        "0.020 in loss (seed std <= 0.016). Not yet on the 150-step frontier.",
+        "balanced": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 71.6 % of "
+        "LoRA r=4's held-out loss gain with 8.0 % of its parameters (loss 2.732 +- 0.020 "
+        "vs 2.552 +- 0.008, base 3.187).",
+        "paper": "Research run (SmolLM2-135M q/v, 60 steps, seed 0, chunk 1024 with MLP "
+        "32x32): 79 % of LoRA r=4's held-out loss gain with 15 % of its parameters. Not yet "
+        "on the 150-step frontier.",
+    }
+
     preset: Literal["compact", "balanced", "paper"] = Field(
         default="balanced",
         description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
@@ -173,8 +185,17 @@ class CompoundOptions(_PresetSection):
         "compact": 3e-3, "balanced": 3e-3, "paper": 3e-3,
     }
 
+    MEASURED: ClassVar[dict[str, str]] = {
+        "compact": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 59.9 % of "
+        "LoRA r=4's held-out loss gain with 1.4 % of its parameters (loss 2.807 +- 0.006 "
+        "vs 2.552 +- 0.008, base 3.187).",
+        "paper": "Research run (SmolLM2-135M q/v, 60 steps, seed 0, lr 2e-3 constant): 92 % "
+        "of LoRA r=4's held-out loss gain with 12.5 % of its parameters. Not yet on the "
+        "150-step frontier.",
+    }
+
     preset: Literal["compact", "balanced", "paper"] = Field(
-        default="balanced",
+        default="compact",
         description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
         "(~1.4 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~3.1 %), paper (~12.5 %). "
         "It fills every option left out, and train.lr.",
