@@ -96,9 +96,9 @@ class QpaOptions(_PresetSection):
     }
 
     MEASURED: ClassVar[dict[str, str]] = {
-        "compact": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-1): 56.5 % of "
+        "compact": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 56.3 % of "
         "LoRA r=4's held-out loss gain with 1.8 % of its parameters; with the circuit's "
-        "angles frozen 48.3 %.",
+        "angles frozen 48.7 %.",
         "balanced": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 71.6 % of "
         "LoRA r=4's held-out loss gain with 8.0 % of its parameters (loss 2.732 +- 0.020 "
         "vs 2.552 +- 0.008, base 3.187).",
