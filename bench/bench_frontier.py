@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from bench.common import (
     markdown_table,
     print_table,
     pyplot,
+    quiet_transformers,
     read_json,
     results_path,
     thread_env,
@@ -610,16 +610,9 @@ def _quiet() -> None:
     import logging
     import warnings
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
     warnings.filterwarnings("ignore")
     logging.getLogger("qpa").setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import resource
 import statistics
@@ -68,6 +67,7 @@ from bench.common import (
     markdown_table,
     print_table,
     pyplot,
+    quiet_transformers,
     results_path,
     thread_env,
     write_json,
@@ -802,18 +802,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet() -> None:
     """Keep transformers' loading bars and deprecation notes out of the benchmark's output."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
+    quiet_transformers()
 
 if __name__ == "__main__":
     raise SystemExit(main())

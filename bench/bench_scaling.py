@@ -49,6 +49,7 @@ from bench.common import (
     machine_line,
     markdown_table,
     print_table,
+    quiet_transformers,
     write_json,
 )
 
@@ -242,22 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet() -> None:
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Inherited by the helper rank, which never runs this function.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
+    quiet_transformers()
 
 if __name__ == "__main__":
     sys.exit(main())

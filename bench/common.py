@@ -254,3 +254,19 @@ def thread_env(threads: int) -> dict[str, str]:
                 "NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
         env[key] = str(threads)
     return env
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' loading bars, tokenizer fork notes and FutureWarnings out of a
+    benchmark's output (each script adds what else it silences)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
