@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import format_ratio, git_commit, markdown_table  # noqa: E402
-from qpa.config import CompoundOptions  # noqa: E402
 from qpa.methods.compound.layer import CompoundLinear  # noqa: E402
 from qpa.methods.compound.minors import plan_layout  # noqa: E402
+from qpa.methods.compound.options import CompoundOptions  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NAME = "compound_vs_oft"  # results file, for bench.run_all

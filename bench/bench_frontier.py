@@ -252,12 +252,13 @@ def _key(spec: dict[str, Any]) -> str:
 
 
 def _preset_options(config: dict[str, Any]) -> dict[str, Any] | None:
-    from qpa.config import CompoundOptions, QpaOptions
+    from qpa.methods import methods
 
-    sections = {"qpa": QpaOptions, "compound": CompoundOptions}
-    section = sections.get(config.get("method"))
-    preset = config[config["method"]].get("preset") if section else None
-    return section.PRESETS[preset] if preset else None
+    method = config.get("method")  # PEFT loop rows have none
+    if method not in methods():
+        return None
+    preset = config.get(method, {}).get("preset")
+    return methods()[method].options.PRESETS[preset] if preset else None
 
 
 def _spec(name: str, lr: float, seed: int, steps: int, s: dict[str, Any],

@@ -252,8 +252,9 @@ def generator_cycle(num_values: int, device: torch.device, repeats: int) -> dict
     circuit. Same sizes as the ``qpa`` variant (generated values = LoRA r=4 on q/v).
     """
     from qpa.backends import make_backend
-    from qpa.config import QpaOptions, QuantumOptions
+    from qpa.config import QuantumOptions
     from qpa.generator import QPAGenerator
+    from qpa.methods.qpa.options import QpaOptions
 
     options = QpaOptions()  # the defaults the qpa variants run with
     generator = QPAGenerator(num_values, chunk_size=options.chunk_size, depth=options.depth,
@@ -575,7 +576,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _qpa_defaults() -> dict[str, Any]:
-    from qpa.config import QpaOptions
+    from qpa.methods.qpa.options import QpaOptions
 
     return QpaOptions().model_dump(exclude={"update_every"})
 

@@ -55,8 +55,12 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
-def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str, Any]) -> str:
-    """README.md for the adapter folder: what it is, how it was made, how to load it."""
+def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str, Any],
+               method_rows: list[tuple[str, str]] = ()) -> str:
+    """README.md for the adapter folder: what it is, how it was made, how to load it.
+
+    ``method_rows`` are the method's own lines of the training table
+    (``AdapterMethod.card_rows``)."""
     params = metrics
     quantum = metrics.get("quantum")
     lines = [
@@ -90,11 +94,8 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
         f"| plain LoRA (r={config.lora.r}) parameters | {params['lora_equivalent_params']:,} |",
         f"| ratio to LoRA | {params['ratio_to_lora']:.2%} |",
     ]
-    if "oft_equivalent_params" in params:
-        oft = params["oft_equivalent_params"]
-        lines.append(f"| PEFT OFT (same block size) parameters | {oft:,} |")
-        lines.append(f"| ratio to OFT | {params['trainable_params'] / oft:.2%} |")
-    section = getattr(config, config.method, None)
+    lines += [f"| {label} | {value} |" for label, value in method_rows]
+    section = config.method_options
     if hasattr(section, "preset"):
         lines.append(f"| preset | {section.preset}"
                      + ("" if section.matches_preset() else " (options changed)") + " |")

@@ -418,7 +418,8 @@ class Trainer:
         metrics["loss_plot"] = LOSS_PLOT if self._write_plot(copy_to=adapter_dir) else None
         metrics["wall_seconds"] = time.perf_counter() - wall_start
         write_json(self.output_dir / "metrics.json", metrics)
-        (adapter_dir / "README.md").write_text(model_card(config, metrics, export_info))
+        (adapter_dir / "README.md").write_text(model_card(config, metrics, export_info,
+                                                              self.method.card_rows(metrics)))
         self._checkpoint(config.steps, finished=True)
         self.emit("done", step=config.steps, metrics=metrics)
         return metrics

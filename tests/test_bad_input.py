@@ -39,7 +39,7 @@ def test_unknown_fake_backend(data_files):
     [
         ({"train_file": "x", "steps": 0}, "steps", "greater than or equal to 1"),
         ({"train_file": "x", "lora": {"r": "four"}}, "lora.r", "integer"),
-        ({"train_file": "x", "method": "dora"}, "method", "'qpa', 'lora' or 'compound'"),
+        ({"train_file": "x", "method": "dora"}, "method", "'lora', 'qpa', 'compound' or 'vera'"),
         ({"train_file": "x", "qpa": {"chunk_sise": 8}}, "qpa.chunk_sise", "not a known"),
         ({}, "train_file", "required"),
         ([1, 2], "config", "mapping"),

@@ -18,9 +18,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from qpa.config import CompoundOptions, JobConfig
+from qpa.config import JobConfig
 from qpa.errors import ConfigError
-from qpa.methods.compound import CompoundMethod
 from qpa.methods.compound.export import convert_to_oft
 from qpa.methods.compound.minors import (
     compound_matrix,
@@ -28,6 +27,8 @@ from qpa.methods.compound.minors import (
     plan_layout,
     submatrices,
 )
+from qpa.methods.compound.model import CompoundMethod
+from qpa.methods.compound.options import CompoundOptions
 
 LLAMA_TARGETS = ["q_proj", "v_proj"]
 GPT2_TARGETS = ["c_attn"]

@@ -40,7 +40,7 @@ def _load_in_clean_process(model_dir, adapter_dir, tmp_path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
-@pytest.mark.parametrize("method", ["qpa", "lora", "compound"])
+@pytest.mark.parametrize("method", ["qpa", "lora", "compound", "vera"])
 def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, method,
                                                       tmp_path):
     # Shared with tests/test_exports.py: one training per (model, method).
@@ -52,7 +52,8 @@ def test_adapter_loads_without_qpa_and_matches_logits(request, model_fixture, me
     assert method.upper() in card and "trainable parameters" in card
     peft_config = json.loads((adapter / "adapter_config.json").read_text())
     # Compound ships as OFT, except on GPT-2 whose Conv1D stock OFT cannot load (exact LoRA).
-    expected = "OFT" if method == "compound" and model_fixture == "tiny_llama_dir" else "LORA"
+    expected = {"compound": "OFT" if model_fixture == "tiny_llama_dir" else "LORA",
+                "vera": "VERA"}.get(method, "LORA")
     assert peft_config["peft_type"] == expected
     assert metrics["export"]["peft_type"] == expected
     # Training changed the model, so matching logits is not trivially the base model's.

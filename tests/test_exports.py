@@ -38,7 +38,9 @@ from qpa.training import finetune
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # as helpers.trained_job
 RUNS = [("tiny_llama_dir", "qpa"), ("tiny_llama_dir", "lora"), ("tiny_llama_dir", "compound"),
-        ("tiny_gpt2_dir", "lora"), ("tiny_gpt2_dir", "compound")]
+        ("tiny_llama_dir", "vera"), ("tiny_gpt2_dir", "lora"), ("tiny_gpt2_dir", "compound")]
+#: Methods whose stock PEFT export is itself a LoRA (adapter.gguf holds the same tensors).
+LORA_EXPORTS = ("qpa", "lora")
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -106,7 +108,7 @@ def test_gguf_adapter_reads_back_in_llama_cpp_layout(request, model_fixture, met
     assert set(tensors) == {f"{n}.{part}" for n in names for part in ("lora_a", "lora_b")}
     alpha = metadata["adapter.lora.alpha"]
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if method != "compound":
+    if method in LORA_EXPORTS:
         adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert alpha == pytest.approx(adapter_config["lora_alpha"])
         state = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -116,7 +118,7 @@ def test_gguf_adapter_reads_back_in_llama_cpp_layout(request, model_fixture, met
         lora_a, lora_b = tensors[f"{gguf_name}.lora_a"], tensors[f"{gguf_name}.lora_b"]
         rank = lora_a.shape[0]
         assert lora_b.shape[1] == rank, "lora_a must be (rank, in), lora_b (out, rank)"
-        if method != "compound":
+        if method in LORA_EXPORTS:
             peft_a = state[f"base_model.model.{module}.lora_A.weight"].numpy()
             peft_b = state[f"base_model.model.{module}.lora_B.weight"].numpy()
             np.testing.assert_array_equal(lora_a, peft_a)
@@ -124,8 +126,9 @@ def test_gguf_adapter_reads_back_in_llama_cpp_layout(request, model_fixture, met
                                                                       model_config))
             assert np.abs(peft_b).max() > 0, "an untrained B proves nothing"
         else:
-            # Compound: alpha / rank * B @ A must be the exact weight change, as llama.cpp
-            # applies it (rows in GGUF order, weight as (out, in) also for GPT-2's Conv1D).
+            # Compound and VeRA: alpha / rank * B @ A must be the exact weight change (read
+            # from the merged folder), as llama.cpp applies it (rows in GGUF order, weight
+            # as (out, in) also for GPT-2's Conv1D).
             weight = base.get_submodule(module).weight.detach().double()
             changed = merged[f"{module}.weight"].double()
             if model_fixture == "tiny_gpt2_dir":

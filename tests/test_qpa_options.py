@@ -14,9 +14,11 @@ import pytest
 import torch
 from helpers import BLOCKED_IMPORTS_PRELUDE, PROBE_IDS, LogitTrainer, tiny_config
 
-from qpa.config import LORA_LEARNING_RATE, QpaOptions, parse_config
+from qpa.config import parse_config
 from qpa.errors import ConfigError
 from qpa.methods import method_class
+from qpa.methods.lora.options import LoraOptions
+from qpa.methods.qpa.options import QpaOptions
 from qpa.models import load_base_model, resolve_target_modules
 from qpa.training import lr_schedule
 
@@ -186,7 +188,7 @@ def test_presets_fill_what_the_job_leaves_out():
 
 
 def test_compound_presets_and_train_options_validate_and_fill():
-    from qpa.config import CompoundOptions
+    from qpa.methods.compound.options import CompoundOptions
 
     for name, options in CompoundOptions.PRESETS.items():
         config = parse_config({"train_file": "x.jsonl", "method": "compound",
@@ -198,7 +200,7 @@ def test_compound_presets_and_train_options_validate_and_fill():
                             "compound": {"blocks": 2}})
     assert changed.compound.blocks == 2 and not changed.compound.matches_preset()
     lora = parse_config({"train_file": "x.jsonl", "method": "lora"})
-    assert lora.train.lr == LORA_LEARNING_RATE
+    assert lora.train.lr == LoraOptions.LEARNING_RATE
     for section, field, value in [("compound", "preset", "tiny"), ("train", "schedule", "step"),
                                   ("train", "warmup_steps", -1), ("train", "lr", 0)]:
         with pytest.raises(ConfigError) as caught:

@@ -10,13 +10,13 @@ import torch
 from helpers import PROBE_IDS, LogitTrainer, tiny_config
 
 from qpa.errors import JobCancelled
-from qpa.methods import method_class
+from qpa.methods import method_class, methods
 from qpa.models import load_base_model, resolve_target_modules
 from qpa.training import Trainer, finetune
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
-@pytest.mark.parametrize("method", ["qpa", "lora", "compound"])
+@pytest.mark.parametrize("method", list(methods()))  # every registered method
 def test_step_zero_equals_base_model(request, model_fixture, method, data_files):
     model_dir = request.getfixturevalue(model_fixture)
     config = tiny_config(model_dir, data_files, method=method, compound={"blocks": 2})

@@ -81,6 +81,11 @@ export const createJob = (config) => getJson("/v1/jobs", { method: "POST", json:
 
 export const listBackends = (signal) => getJson("/v1/backends", { signal });
 
+// The adapter methods the server accepts: the job config schema's `method` enum, so a method
+// added to the library shows up here without a dashboard change.
+export const listMethods = async (signal) =>
+  (await getJson("/openapi.json", { signal })).components.schemas.JobConfig.properties.method.enum;
+
 export function uploadFile(file) {
   const form = new FormData();
   form.append("file", file, file.name);

@@ -8,7 +8,6 @@ import { dump as yamlDump, load as yamlLoad } from "./vendor/js-yaml.min.js";
 
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-const METHODS = ["qpa", "lora", "compound"];
 const FORMAT_LABELS = { peft: "PEFT adapter", merged: "Merged model", gguf: "GGUF adapter" };
 const BACKEND_GROUPS = { simulator: "Simulators", ibm: "IBM Quantum", fake: "IBM fake backends (local testing)" };
 const FORM_KEYS = ["base_model", "method", "backend", "steps"];
@@ -429,6 +428,7 @@ async function newJobView(signal) {
   const evalInput = h("input", { id: "eval-file", type: "file", accept: ".jsonl,.json,application/jsonl" });
   const baseModel = h("input", { id: "base-model", value: "smollm2-135m", required: true, spellcheck: "false" });
   const method = h("input", { id: "method", value: "qpa", list: "methods", required: true, spellcheck: "false" });
+  const methods = h("datalist", { id: "methods" });
   const backend = h("select", { id: "backend" });
   const steps = h("input", { id: "steps", type: "number", min: 1, value: 100, required: true });
   const options = h("textarea", { id: "options-yaml", rows: 10, spellcheck: "false",
@@ -447,9 +447,9 @@ async function newJobView(signal) {
     field("Eval data (JSONL, optional)", evalInput, "Without it, 10 % of the training records are held out."),
     field("Base model", baseModel, "An alias such as smollm2-135m, or a model folder the workers can read."),
     field("Method", method), field("Backend", backend), field("Steps", steps)),
-  h("datalist", { id: "methods" }, METHODS.map((name) => h("option", { value: name }))),
+  methods,
   field("More options (YAML)", options,
-    "Any other keys of the job config (lora, qpa, compound, quantum, train, export …), as in a "
+    "Any other keys of the job config (lora, qpa, compound, vera, quantum, train, export …), as in a "
     + "`qpa finetune` file. The fields above are set here, not in the YAML."),
   h("div", { class: "actions" }, submit, h("a", { href: "#/jobs", class: "button" }, "Cancel")),
   feedback);
@@ -457,6 +457,7 @@ async function newJobView(signal) {
 
   backend.append(h("option", { value: "", disabled: true, selected: true }, "Loading backends…"));
   try {
+    methods.replaceChildren(...(await api.listMethods(signal)).map((name) => h("option", { value: name })));
     const backends = await api.listBackends(signal);
     const option = (item) => {
       const why = !item.allowed ? "not allowed on this server" : !item.available ? item.reason ?? "unavailable" : null;

@@ -1,7 +1,7 @@
 """What an adapter method is to the trainer: attach, train hooks, state, export, accounting.
 
-Each method lives in its own module or folder under ``qpa/methods`` and registers itself
-by name in ``qpa.methods.METHODS``. The trainer never branches on the method's name.
+Each method lives in its own folder under ``qpa/methods`` and registers itself by name in
+``qpa.methods.registry``. The trainer never branches on the method's name.
 """
 
 from __future__ import annotations
@@ -128,6 +128,11 @@ class AdapterMethod(ABC):
         Must contain ``trainable_params`` and ``lora_equivalent_params`` (plain LoRA with
         the config's rank on the same targets); methods may add more (``oft_equivalent_params``).
         """
+
+    def card_rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        """The method's own (label, value) lines in the model card's training table, from
+        the job's ``metrics`` (e.g. compound's comparison with PEFT OFT)."""
+        return []
 
     def quantum_report(self) -> dict[str, Any] | None:
         """Quantum usage (jobs, circuits, shots, seconds) or None for classical methods."""

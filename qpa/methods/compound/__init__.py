@@ -1,5 +1,6 @@
 """Quantum-inspired compound adapters (Coyle & Raj 2025) as ``method: compound``.
 
+* ``options`` the ``compound`` section and its presets
 * ``minors``  batched compound matrices, the Cayley map, the block layout
 * ``layer``   the adapter on one module (math) and the wrapped Linear/Conv1D
 * ``model``   injection into a model and ``CompoundMethod`` (the trainer's interface)
@@ -7,6 +8,7 @@
 * ``circuit`` a trained U as an RBS circuit (imports qiskit; import it explicitly)
 """
 
-from qpa.methods.compound.model import CompoundMethod, compound_parameter_report
+from qpa.methods.compound.options import CompoundOptions
+from qpa.methods.registry import MethodSpec
 
-__all__ = ["CompoundMethod", "compound_parameter_report"]
+METHOD = MethodSpec("compound", CompoundOptions, "qpa.methods.compound.model:CompoundMethod")

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qpa.config import CompoundOptions
 from qpa.methods.compound.minors import (
     BlockLayout,
     cayley,
     compound_matrix,
     skew_from_vector,
 )
+from qpa.methods.compound.options import CompoundOptions
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 

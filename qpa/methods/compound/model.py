@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from qpa.config import CompoundOptions, JobConfig
+from qpa.config import JobConfig
 from qpa.errors import ConfigError
 from qpa.exports.lora import LoraForm
 from qpa.methods.base import AdapterMethod
 from qpa.methods.compound.layer import SUPPORTED_LAYERS, CompoundLinear, layer_widths
 from qpa.methods.compound.minors import plan_layout
+from qpa.methods.compound.options import CompoundOptions
 
 
 def matches_target(name: str, targets: list[str]) -> bool:
@@ -108,6 +109,11 @@ class CompoundMethod(AdapterMethod):
 
     def parameter_report(self) -> dict[str, Any]:
         return compound_parameter_report(self.layers, self.config.lora.r)
+
+    def card_rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        oft = metrics["oft_equivalent_params"]
+        return [("PEFT OFT (same block size) parameters", f"{oft:,}"),
+                ("ratio to OFT", f"{metrics['trainable_params'] / oft:.2%}")]
 
     def unitaries(self, module_name: str) -> torch.Tensor:
         """The trained U matrices of one module: (num_adapters, num_unitaries, n, n)."""

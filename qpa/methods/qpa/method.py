@@ -23,7 +23,7 @@ from qpa.backends import check_width
 from qpa.backends.base import QuantumUsage
 from qpa.generator import QPAGenerator
 from qpa.methods.base import AdapterMethod
-from qpa.methods.lora import lora_config
+from qpa.methods.lora.method import lora_config
 
 ADAPTER = "default"
 

@@ -1,0 +1,98 @@
+"""The ``qpa`` section: the generator's circuit, mapping network and presets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from qpa.options import PresetSection
+
+
+class QpaOptions(PresetSection):
+    """Quantum Parameter Adaptation: a circuit plus a mapping MLP generate the LoRA weights."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # compact: eight circuits and no basis-state bits, so p alone tells chunks apart
+        # and the trained circuit measurably matters (research runs, BENCHMARKS.md).
+        "compact": {"chunk_size": 64, "mlp_hidden": [32, 32], "features": 8,
+                    "basis_bits": False},
+        "balanced": {"chunk_size": 512, "mlp_hidden": [32, 32]},
+        "paper": {"chunk_size": 1024, "mlp_hidden": [32, 30]},
+    }
+    # compact and balanced: the frontier's sweep (both 1e-2). paper has no sweep yet and
+    # borrows balanced's.
+    LEARNING_RATES: ClassVar[dict[str, float]] = {
+        "compact": 1e-2, "balanced": 1e-2, "paper": 1e-2,
+    }
+
+    MEASURED: ClassVar[dict[str, str]] = {
+        "compact": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 56.3 % of "
+        "LoRA r=4's held-out loss gain with 1.8 % of its parameters; with the circuit's "
+        "angles frozen 48.7 %.",
+        "balanced": "Quality frontier (SmolLM2-135M q/v, 150 steps, seeds 0-2): 71.6 % of "
+        "LoRA r=4's held-out loss gain with 8.0 % of its parameters (loss 2.732 +- 0.020 "
+        "vs 2.552 +- 0.008, base 3.187).",
+        "paper": "Research run (SmolLM2-135M q/v, 60 steps, seed 0, chunk 1024 with MLP "
+        "32x32): 79 % of LoRA r=4's held-out loss gain with 15 % of its parameters. Not yet "
+        "on the 150-step frontier.",
+    }
+
+    preset: Literal["compact", "balanced", "paper"] = Field(
+        default="balanced",
+        description="Named operating point (docs/BENCHMARKS.md, quality frontier): compact "
+        "(~1.8 % of LoRA r=4's parameters on SmolLM2 q/v), balanced (~8 %), paper (~14 %, "
+        "the QPA paper's Gemma-2 ratio). It fills every option left out, and train.lr.",
+    )
+
+    chunk_size: Annotated[
+        int, Field(ge=1, le=65536, description="Values per generated chunk.")
+    ] = 64
+    depth: Annotated[int, Field(ge=1, le=200, description="Ansatz layers (RY + entangler).")] = 8
+    ansatz: Literal["ry_cnot", "rbs"] = Field(
+        default="ry_cnot",
+        description="ry_cnot: the paper's RY layer + CNOT chain; rbs: Hamming-weight-preserving "
+        "RBS brick ansatz on a half-filled register.",
+    )
+    mlp_hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 32], description="Hidden widths of the mapping MLP."
+    )
+    sub_generators: Annotated[
+        int,
+        Field(ge=1, le=1024, description="Independent circuit+MLP pairs; each covers an equal "
+              "share of the chunks, so each needs fewer qubits."),
+    ] = 1
+    update_every: Annotated[
+        int,
+        Field(ge=1, description="Evaluate the circuit and its gradient once per this many "
+              "optimiser steps (1 = exact joint training)."),
+    ] = 1
+    angle_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of the circuit angles (default: train.lr)."
+    )
+    generate_a: bool = Field(
+        default=True,
+        description="Generate LoRA's A as well as B. False: A keeps PEFT's random "
+        "initialisation, frozen (as in LoRA-FA), and the generator writes B only.",
+    )
+    features: Annotated[int, Field(ge=1, le=64, description=(
+        "Circuits per sub-generator; the mapping MLP reads one post-processed probability "
+        "of each per chunk."))] = 1
+    basis_bits: bool = Field(
+        default=True,
+        description="Feed chunk j's basis-state bits to the mapping MLP next to p_j. False: "
+        "the MLP reads only the post-processed p_j of the `features` circuits, so the "
+        "circuits alone tell the chunks apart and training them measurably helps "
+        "(docs/BENCHMARKS.md section 4); use with features >= 4.",
+    )
+    postprocess: Literal["standardize", "scaled", "paper"] = Field(
+        default="standardize",
+        description="How p_j becomes the MLP's input: standardize = (p - mean) / std; "
+        "scaled = 2^n p - 1; paper = the QPA authors' (0.6 tanh(0.1 2^(n-1) p))^0.15 - mean.",
+    )
+    ablation: Literal["none", "frozen_angles", "constant_p", "random_p"] = Field(
+        default="none",
+        description="For measuring what the circuit contributes: frozen_angles holds p at the "
+        "initial angles; constant_p feeds the uniform p (the MLP sees the bits only); "
+        "random_p feeds an untrained Porter-Thomas draw. None of them trains angles.",
+    )
