@@ -12,7 +12,7 @@ kept as it is. A section whose results do not exist yet keeps its current text.
 
 A script takes part in the document by defining ``SECTION`` (the marker name), ``NAME``
 (its results are ``bench/results/<NAME>.json``) and ``render_markdown(results) -> str``.
-Scripts that do not are still run; ``FALLBACK_RENDERERS`` below covers those we know.
+A script without them is still run, but no block of the document is rewritten from it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The job config: one pydantic schema shared by the CLI file, the REST body and Python.
 
-Top-level keys are the contract in DESIGN.md; everything else is nested with defaults.
-Unknown keys are rejected so that a typo never silently falls back to a default. Each
-adapter method brings its own section (``qpa/methods/<name>/options.py``, keyed by the
-method's name) through the method registry; this module names no method.
+The top-level keys are the public contract (README, "Run a job from the command line");
+everything else is nested with defaults. Unknown keys are rejected so that a typo never
+silently falls back to a default. Each adapter method brings its own section
+(``qpa/methods/<name>/options.py``, keyed by the method's name) through the method
+registry; this module names no method.
 """
 
 from __future__ import annotations
