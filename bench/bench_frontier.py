@@ -6,6 +6,8 @@ tokens, AdamW, cosine schedule with 6 % warm-up, grad clip 1.0. Protocol (issue 
 
 1. **Sweep**: every row trains at each learning rate of one grid (the same grid, budget and
    schedule for every row; seed 0); the rate with the lowest held-out loss is the row's.
+   Where that is the highest rate tried, the row also tries the next half-decade up (1e-1,
+   then 3e-1; at most ``EXTEND`` more), so no method is held back by the grid's edge.
 2. **Final**: every row at its rate, ``--steps`` (default 150) optimiser steps, seeds 0, 1, 2.
    Ablation rows (``of``) take their parent's rate: they differ from it in one thing only.
 3. **Evaluation**: the exported adapter is loaded by stock ``peft.PeftModel.from_pretrained``
@@ -301,20 +303,47 @@ def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int
             _save(results)
 
 
+#: Half-decade rates above the grid a row may try when its best rate is the highest tried.
+EXTEND = 2
+
+
+def _sweep_losses(results: dict[str, Any], name: str) -> dict[float, float]:
+    s = results["settings"]
+    return {run["lr"]: run["eval_loss"] for run in results["runs"].values()
+            if run["row"] == name and run["steps"] == s["sweep_steps"] and run["seed"] == 0
+            and not run["loop"]}
+
+
+def _next_rate(lr: float) -> float:
+    """The next half-decade rate: 3e-2 -> 1e-1 -> 3e-1."""
+    mantissa = float(f"{lr:.0e}".split("e")[0])
+    return float(f"{lr * (10 / 3 if mantissa >= 3 else 3):.0e}")
+
+
+def extended_rates(results: dict[str, Any], name: str) -> list[float]:
+    """The rates above the grid this row must still try: the next one while the best rate
+    so far is the highest tried and the extension budget is not spent."""
+    grid = results["settings"]["lr_grid"]
+    losses = _sweep_losses(results, name)
+    if len(grid) < 2 or not all(lr in losses for lr in grid):
+        return []  # a one-rate smoke grid, or the grid itself is not done
+    top, best = max(losses), min(losses, key=losses.get)
+    if best != top or len([lr for lr in losses if lr > max(grid)]) >= EXTEND:
+        return []
+    return [_next_rate(top)]
+
+
 def chosen_rates(results: dict[str, Any], rows: list[str]) -> dict[str, dict[str, Any]]:
     """Per row: the sweep's losses per rate and the rate with the lowest loss."""
-    s = results["settings"]
     out: dict[str, dict[str, Any]] = {}
     for name in rows:
         if ROWS[name].of:
             continue
-        losses = {run["lr"]: run["eval_loss"] for run in results["runs"].values()
-                  if run["row"] == name and run["steps"] == s["sweep_steps"] and run["seed"] == 0
-                  and not run["loop"]}
+        losses = _sweep_losses(results, name)
         if losses:
             best = min(losses, key=losses.get)
             out[name] = {"lr": best, "losses": {f"{lr:g}": v for lr, v in sorted(losses.items())},
-                         "at_edge": best in (min(s["lr_grid"]), max(s["lr_grid"]))}
+                         "at_edge": best in (min(losses), max(losses))}
     for name in rows:
         if ROWS[name].of and ROWS[name].of in out:
             out[name] = {"lr": out[ROWS[name].of]["lr"], "from": ROWS[name].of}
@@ -451,6 +480,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sweep = [_spec(name, lr, 0, s["sweep_steps"], s, data) for name in rows
                  if not ROWS[name].of for lr in s["lr_grid"]]
         run_specs(sweep, results, args.workers)
+        while extra := [_spec(name, lr, 0, s["sweep_steps"], s, data) for name in rows
+                        if not ROWS[name].of for lr in extended_rates(results, name)]:
+            run_specs(extra, results, args.workers)
         results["rates"] = {**results.get("rates", {}), **chosen_rates(results, rows)}
         final = [_spec(name, results["rates"][name]["lr"], seed, s["steps"], s, data)
                  for seed in s["seeds"] for name in rows if name in results["rates"]]
@@ -501,12 +533,18 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, out
 
 
+def _cell(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     headers, rows = table(results)
     rates = results.get("rates", {})
-    sweep_rows = [[ROWS[name].label, *[f"{info['losses'].get(f'{lr:g}', math.nan):.4f}"
-                                       for lr in s["lr_grid"]], f"{info['lr']:g}"]
+    tried = sorted({float(lr) for info in rates.values() for lr in info.get("losses", {})}
+                   | set(s["lr_grid"]))
+    sweep_rows = [[ROWS[name].label, *[_cell(info["losses"].get(f"{lr:g}")) for lr in tried],
+                   f"{info['lr']:g}"]
                   for name, info in rates.items() if "losses" in info]
     target_rows = [[t["target"], {True: "met", False: "not met", None: "not measured"}[t["met"]],
                     t["evidence"]] for t in results.get("targets", [])]
@@ -519,8 +557,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"held-out loss of the exported adapter loaded by stock PEFT on "
         f"{s['eval_batches'] * s['batch_size']} fixed 128-token chunks.",
         "", markdown_table(headers, rows), "",
-        f"Learning-rate sweep ({s['sweep_steps']} steps, seed 0, held-out loss):", "",
-        markdown_table(["row", *[f"lr {lr:g}" for lr in s["lr_grid"]], "chosen"], sweep_rows),
+        f"Learning-rate sweep ({s['sweep_steps']} steps, seed 0, held-out loss; rates above "
+        "the grid are tried only by rows whose best was the highest rate tried, - = not "
+        "tried):", "",
+        markdown_table(["row", *[f"lr {lr:g}" for lr in tried], "chosen"], sweep_rows),
         "", markdown_table(["target (issue 8)", "verdict", "measured"], target_rows),
         "", "![Held-out loss against trainable parameters](../bench/results/frontier.png)",
     ]
