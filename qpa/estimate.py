@@ -33,7 +33,7 @@ from qpa.backends import backend_qubit_limit, is_autograd_native, make_backend
 from qpa.backends.base import QuantumBackend, shots_per_circuit
 from qpa.config import JobConfig
 from qpa.errors import ConfigError
-from qpa.generator import plan_qubits
+from qpa.generator import fit_sub_generators, plan_qubits
 
 #: How the QPU-seconds figure is computed, shown beside it (CLI, REST, docs).
 QPU_SECONDS_METHOD = (
@@ -194,16 +194,6 @@ class QuantumEstimate:
                 and self.qpu_seconds > self.max_seconds)
 
 
-def minimum_sub_generators(num_values: int, config: JobConfig, width: int) -> int | None:
-    """Fewest ``qpa.sub_generators`` whose circuits fit in ``width`` qubits (None: none do)."""
-    options = config.qpa
-    for count in range(1, 1025):
-        _, qubits = plan_qubits(num_values, options.chunk_size, count, options.ansatz)
-        if qubits <= width:
-            return count
-    return None
-
-
 def generated_value_count(config: JobConfig) -> int:
     """How many values the generator writes for ``config``'s model, without loading weights.
 
@@ -243,8 +233,11 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
                           "quantum cost to estimate")
     if num_values is None:
         num_values = generated_value_count(config)
+    from qpa.methods.qpa import resolve_sub_generators
+
     options, spec = config.qpa, config.backend
-    _, num_qubits = plan_qubits(num_values, options.chunk_size, options.sub_generators,
+    sub_generators = resolve_sub_generators(config, num_values)
+    _, num_qubits = plan_qubits(num_values, options.chunk_size, sub_generators,
                                 options.ansatz)
     advice: list[str] = []
     device_qubits = backend_qubit_limit(spec) if spec.startswith("ibm-fake:") else None
@@ -253,8 +246,8 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
                         (config.quantum.max_qubits, "quantum.max_qubits =")):
         if width is not None and num_qubits > width:
             fits = False
-            need = minimum_sub_generators(num_values, config, width)
-            hint = (f"use qpa.sub_generators >= {need}" if need else
+            need = fit_sub_generators(num_values, options.chunk_size, options.ansatz, width)
+            hint = (f"use qpa.sub_generators >= {need} (or auto)" if need else
                     "no sub_generators count fits; raise qpa.chunk_size")
             advice.append(f"{num_qubits} qubits on {what} {width}: {hint}")
     owned = backend is None
@@ -271,7 +264,7 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
                           "unknown")
     plan = plan_jobs(config, num_values)
     estimate = QuantumEstimate(
-        backend=spec, num_qubits=num_qubits, sub_generators=options.sub_generators,
+        backend=spec, num_qubits=num_qubits, sub_generators=sub_generators,
         circuits_per_job_row=0, circuit_parameters=0, logical_depth=0,
         device_qubits=device_qubits, isa_depth=None, isa_two_qubit_gates=None,
         jobs=plan.jobs, circuits=plan.circuits, shots=plan.shots,
@@ -285,7 +278,7 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
     logical = build_ansatz(options.ansatz, num_qubits, options.depth)
     estimate.circuit_parameters = logical.num_parameters
     estimate.logical_depth = logical.depth()
-    rows = options.sub_generators * options.features
+    rows = sub_generators * options.features
     estimate.circuits_per_job_row = estimate.largest_job_circuits // max(rows, 1)
     if backend is not None:
         try:
@@ -400,4 +393,4 @@ def format_seconds(seconds: float | None) -> str:
 
 __all__ = ["JobPlan", "PlanningBackend", "QuantumEstimate", "check_budget", "describe_estimate",
            "describe_quantum_job", "estimate_job", "has_device_timing",
-           "minimum_sub_generators", "plan_jobs"]
+           "plan_jobs"]

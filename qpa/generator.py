@@ -62,6 +62,16 @@ def plan_qubits(
     return per_sub, num_qubits
 
 
+def fit_sub_generators(num_values: int, chunk_size: int, ansatz: str, width: int,
+                       most: int = 1024) -> int | None:
+    """Fewest sub-generators whose circuits fit in ``width`` qubits (None: no count up to
+    ``most`` does). Fewer sub-generators mean fewer mapping MLPs and circuit rows."""
+    for count in range(1, most + 1):
+        if plan_qubits(num_values, chunk_size, count, ansatz)[1] <= width:
+            return count
+    return None
+
+
 class MappingMLP(nn.Module):
     """(n bits as +-1, post-processed p_j per feature circuit) -> chunk values. The last
     layer starts at zero so the generated values, and hence the LoRA update, are zero at

@@ -117,6 +117,15 @@ def test_too_wide_for_the_device_suggests_sub_generators(tiny_llama_dir, data_fi
     assert fitted.num_qubits == 5 and not [w for w in fitted.warnings if "qubits on" in w]
     config["qpa"]["sub_generators"] = 3  # one fewer does not fit
     assert estimate_job(parse_config(config)).num_qubits == 6
+    # auto: sized for the device by the same count.
+    config["qpa"]["sub_generators"] = "auto"
+    auto = estimate_job(parse_config(config))
+    assert (auto.sub_generators, auto.num_qubits) == (4, 5)
+    config["quantum"]["max_qubits"] = 4  # the narrower of device and max_qubits wins
+    assert estimate_job(parse_config(config)).num_qubits <= 4
+    with pytest.raises(ConfigError) as wrong:
+        parse_config({**config, "qpa": {**config["qpa"], "sub_generators": "many"}})
+    assert wrong.value.field.startswith("qpa.sub_generators")
 
 
 def test_max_seconds_is_checked_against_the_estimate(tiny_llama_dir, data_files,

@@ -21,9 +21,10 @@ from qiskit.circuit import QuantumCircuit
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qpa.backends import check_width
+from qpa.backends import backend_qubit_limit, check_width
 from qpa.backends.base import QuantumBackend, QuantumUsage
-from qpa.generator import QPAGenerator
+from qpa.errors import ConfigError
+from qpa.generator import QPAGenerator, fit_sub_generators
 from qpa.methods.base import AdapterMethod
 from qpa.methods.lora import lora_config
 
@@ -59,6 +60,21 @@ def generated_layers(peft_model: nn.Module, generate_a: bool) -> list[tuple[str,
                 lora_a.weight.requires_grad_(False)
             weights.append((f"{name}.lora_B", lora_b))
     return weights
+
+
+def resolve_sub_generators(config: Any, num_values: int) -> int:
+    """``qpa.sub_generators`` as a count: ``auto`` picks the fewest whose circuits fit the
+    backend's qubits and ``quantum.max_qubits`` (ConfigError when none fits)."""
+    options = config.qpa
+    if options.sub_generators != "auto":
+        return options.sub_generators
+    limits = [config.quantum.max_qubits, backend_qubit_limit(config.backend)]
+    width = min(limit for limit in limits if limit is not None)
+    count = fit_sub_generators(num_values, options.chunk_size, options.ansatz, width)
+    if count is None:
+        raise ConfigError("qpa.sub_generators", f"even 1024 sub-generators need more than "
+                          f"{width} qubits; raise qpa.chunk_size")
+    return count
 
 
 def lora_equivalent_params(peft_model: nn.Module) -> int:
@@ -114,13 +130,14 @@ class QPAMethod(AdapterMethod):
         ``check=False`` skips the width check (the estimate reports it as a warning).
         """
         options = self.config.qpa
+        sub_generators = resolve_sub_generators(self.config, num_values)
         self.generator = QPAGenerator(
             num_values,
             chunk_size=options.chunk_size,
             depth=options.depth,
             ansatz=options.ansatz,
             mlp_hidden=options.mlp_hidden,
-            sub_generators=options.sub_generators,
+            sub_generators=sub_generators,
             features=options.features,
             read_bits=options.basis_bits,
             postprocess=options.postprocess,
