@@ -362,7 +362,8 @@ class JobConfig(_Section):
         where the job is silent."""
         if not isinstance(data, dict) or not isinstance(data.get("quantum"), dict):
             return data
-        preset = QUANTUM_PRESETS.get(data["quantum"].get("preset"))
+        name = data["quantum"].get("preset")
+        preset = QUANTUM_PRESETS.get(name) if isinstance(name, str) else None
         if preset is None:
             return data  # no preset, or a bad name the field's Literal reports
         data = dict(data)

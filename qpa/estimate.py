@@ -31,6 +31,7 @@ import torch
 
 from qpa.backends import backend_qubit_limit, is_autograd_native, make_backend
 from qpa.backends.base import QuantumBackend, shots_per_circuit
+from qpa.circuits import build_ansatz
 from qpa.config import JobConfig
 from qpa.errors import ConfigError
 from qpa.generator import fit_sub_generators, plan_qubits
@@ -101,8 +102,10 @@ def _dry_run(config: JobConfig, num_values: int, steps: int) -> JobPlan:
     planning backend: the generator at step 0 and the evaluation before training; per step
     forward, backward (dL/dp lands on the held p), optimizer step and any ``eval_every``
     evaluation; then the final evaluation and the export."""
-    from qpa.methods.qpa import QPAMethod
+    from qpa.methods.qpa import QPAMethod, runs_circuit
 
+    if not runs_circuit(config.qpa.ablation):  # p is a fixed distribution: no job at all
+        return JobPlan(Counter(), 0)
     spec = config.backend
     method = QPAMethod(config, target_modules=[])
     planner: list[PlanningBackend] = []
@@ -112,11 +115,12 @@ def _dry_run(config: JobConfig, num_values: int, steps: int) -> JobPlan:
                                        is_autograd_native(spec)))
         return planner[0]
 
-    method.setup_generator(num_values, "cpu", backend_for, check=False)
-    if not planner:  # an ablation that replaces the circuit by a fixed distribution
-        return JobPlan(Counter(), 0)
+    # On the meta device: the plan needs the generator's shapes and decisions, never its
+    # numbers, so a request for huge MLPs costs no memory.
+    with torch.device("meta"):
+        method.setup_generator(num_values, "meta", backend_for, check=False)
     # The generated values do not decide when jobs happen; skip the mapping MLPs.
-    zeros = torch.zeros(num_values)
+    zeros = torch.zeros(num_values, device="meta")
     method.generator.forward = lambda: zeros
     method.sizes = [num_values]
     eval_every = config.train.eval_every
@@ -240,7 +244,9 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
     _, num_qubits = plan_qubits(num_values, options.chunk_size, sub_generators,
                                 options.ansatz)
     advice: list[str] = []
-    device_qubits = backend_qubit_limit(spec) if spec.startswith("ibm-fake:") else None
+    # A real IBM backend's width needs the service: it is checked when it is built below.
+    device_qubits = None if spec.startswith("ibm:") else backend_qubit_limit(spec)
+    logical = build_ansatz(options.ansatz, num_qubits, options.depth)
     fits = True
     for width, what in ((device_qubits, f"{spec}'s"),
                         (config.quantum.max_qubits, "quantum.max_qubits =")):
@@ -251,12 +257,10 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
                     "no sub_generators count fits; raise qpa.chunk_size")
             advice.append(f"{num_qubits} qubits on {what} {width}: {hint}")
     owned = backend is None
-    if fits and owned:
-        from qpa.circuits import build_ansatz
-
-        circuit = build_ansatz(options.ansatz, num_qubits, options.depth)
+    # The torch statevector runs no Qiskit circuit: nothing to transpile or time.
+    if fits and owned and spec != "statevector":
         try:
-            backend = make_backend(spec, circuit, config.quantum)
+            backend = make_backend(spec, logical, config.quantum)
         except ConfigError as error:
             if not spec.startswith("ibm:"):
                 raise
@@ -273,9 +277,6 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
         seconds_per_shot=None, qpu_seconds=None, qpu_seconds_method=None,
         max_seconds=config.quantum.max_seconds, warnings=advice,
     )
-    from qpa.circuits import build_ansatz
-
-    logical = build_ansatz(options.ansatz, num_qubits, options.depth)
     estimate.circuit_parameters = logical.num_parameters
     estimate.logical_depth = logical.depth()
     rows = sub_generators * options.features
@@ -376,6 +377,8 @@ def describe_estimate(estimate: dict[str, Any]) -> list[str]:
         lines.append(f"QPU time about {format_seconds(estimate['qpu_seconds'])} "
                      f"({estimate['seconds_per_shot'] * 1e6:.1f} us per shot: "
                      f"{estimate['qpu_seconds_method']})")
+    elif estimate.get("device_qubits") and estimate["num_qubits"] > estimate["device_qubits"]:
+        lines.append("QPU time: n/a (the circuit does not fit the device; see the warning)")
     else:
         lines.append("QPU time: n/a (no device timing for this backend)")
     return lines

@@ -229,10 +229,10 @@ class QPAGenerator(nn.Module):
         self._p_graph = self._jacobian = None
         if getattr(self.backend, "plans_only", False):
             self.backend.count(self.job_circuits(with_gradient))
-            rows = self.theta.shape[0]
-            probs = torch.zeros(rows, 1, dtype=torch.float64)
+            rows, where = self.theta.shape[0], {"dtype": torch.float64, "device": self.theta.device}
+            probs = torch.zeros(rows, 1, **where)
             if with_gradient:
-                self._jacobian = torch.zeros(rows, 1, self.theta.shape[1], dtype=torch.float64)
+                self._jacobian = torch.zeros(rows, 1, self.theta.shape[1], **where)
         elif self.backend.autograd_native:
             with torch.set_grad_enabled(with_gradient):
                 probs = self.backend.probabilities(self.theta)

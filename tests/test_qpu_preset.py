@@ -30,6 +30,8 @@ def test_preset_fills_shots_and_update_every_where_the_job_is_silent() -> None:
 @pytest.mark.parametrize(("body", "field"), [
     ({"quantum": {"preset": "qpu-economy"}}, "quantum.preset"),  # statevector: no shots
     ({"backend": "aer", "quantum": {"preset": "cheap"}}, "quantum.preset"),
+    ({"backend": "aer", "quantum": {"preset": {}}}, "quantum.preset"),  # found by the fuzz test
+    ({"backend": "aer", "quantum": "qpu-economy"}, "quantum"),
 ])
 def test_bad_presets_name_the_field(body: dict, field: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -62,6 +62,12 @@ def generated_layers(peft_model: nn.Module, generate_a: bool) -> list[tuple[str,
     return weights
 
 
+def runs_circuit(ablation: str) -> bool:
+    """Whether a job with this ``qpa.ablation`` evaluates the circuit (frozen angles: once);
+    the others replace p by a fixed distribution and never build a backend."""
+    return ablation in ("none", "frozen_angles")
+
+
 def resolve_sub_generators(config: Any, num_values: int) -> int:
     """``qpa.sub_generators`` as a count: ``auto`` picks the fewest whose circuits fit the
     backend's qubits and ``quantum.max_qubits`` (ConfigError when none fits)."""
@@ -146,7 +152,7 @@ class QPAMethod(AdapterMethod):
         self.generator.to(device)
         self.backend = None
         self._pending_grad = None
-        if options.ablation in ("none", "frozen_angles"):
+        if runs_circuit(options.ablation):
             if check:  # width and credentials are checked here, before any training step
                 check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
             self.backend = backend_for(self.generator.circuit)

@@ -98,3 +98,21 @@ def test_server_cap_applies_to_the_estimate(tmp_path: Path, data_files, tiny_lla
         assert refused.status_code == 422
         assert refused.json()["field"] == "quantum.max_seconds"
         assert "QPA_MAX_QUANTUM_SECONDS" in refused.json()["detail"]
+
+
+def test_quantum_jobs_reach_the_event_stream(client, train_id: str, tiny_llama_dir: Path
+                                             ) -> None:
+    """The worker stores every quantum_job event; SSE delivers a job's `submitted` (with
+    its size and Runtime job id) before its `done`, and before the step it serves."""
+    body = job_config(tiny_llama_dir, train_id, backend="ibm-fake:FakeManilaV2", steps=2,
+                      quantum={"shots": 64, "seed": 0})
+    job = client.create_job(body)
+    events = list(client.stream_events(job["id"]))  # until the job ends
+    kinds = [(event["type"], event["data"].get("phase")) for event in events]
+    assert ("quantum_job", "submitted") in kinds, kinds
+    first = kinds.index(("quantum_job", "submitted"))
+    assert first < kinds.index(("quantum_job", "done")) < kinds.index(("step", None))
+    submitted = events[first]["data"]
+    assert submitted["circuits"] == 7 and submitted["shots"] == 7 * 64
+    assert submitted["runtime_job_id"] and submitted["planned_jobs"] == 2
+    assert client.get_job(job["id"])["status"] == "succeeded"
