@@ -23,9 +23,15 @@ timing). The recommendation is the row with the fewest estimated QPU seconds who
 over the base model is >= 95 % of exact QPA's (statevector, update_every 1); it becomes
 ``quantum.preset: qpu-economy`` (tests/test_qpu_preset.py holds the preset to it).
 
-    python -m bench.bench_qpu             # full (hours on 2 CPU cores; resumable)
+    python -m bench.bench_qpu             # full: 19 runs, resumable (see below)
     python -m bench.bench_qpu --quick     # smoke test: tiny budget, three rows
     python -m bench.bench_qpu --docs-only # table from the committed results
+
+Cost of the full run, from its parts measured on 2 shared cores: a 150-step compact run is
+~9.5 min of training; one 1,544-circuit Aer job took 5.7 s at 256 shots and 19.4 s at
+4,096; the noisy frozen-angle row simulates 8 x 1,024 shots of 12 qubits (~10 min). That
+is about 5 run-hours, the update_every 1 rows the longest (up to ~1 h each at 4,096
+shots): ~2.5-3 h with two workers on two idle cores, longer beside other work.
 """
 
 from __future__ import annotations

@@ -56,8 +56,15 @@ def test_estimate_equals_what_the_run_reports(backend: str, tiny_llama_dir, data
     estimate = json.loads(result.output)
     assert estimate["num_qubits"] == 5 and estimate["circuit_parameters"] == 40
 
-    metrics = Trainer(parse_config(config), tmp_path / "run").run()
+    # The real run, as a user starts it: `qpa finetune`, then its metrics.json.
+    config["output_dir"] = str(tmp_path / "run")
+    run = CliRunner().invoke(app, ["finetune", str(_write(tmp_path, config))])
+    assert run.exit_code == 0, run.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     quantum = metrics["quantum"]
+    shown = " ".join(run.output.split())  # the plan, printed before the first job runs
+    assert f"{estimate['jobs']} primitive jobs, {estimate['circuits']} circuits" in shown
+    assert f"quantum: {quantum['jobs']} jobs, {quantum['circuits']} circuits" in shown
     assert (estimate["jobs"], estimate["circuits"], estimate["shots"]) == (
         quantum["jobs"], quantum["circuits"], quantum["shots"])
     # Gradient jobs of 1 + 2 x 40 shifted bindings, and the evaluation at step 2 (1 circuit).
