@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from qpa.estimate import describe_quantum_job
 from qpa.training import Trainer
 from tests.helpers import tiny_config
 
@@ -51,6 +52,11 @@ def test_job_submitted_event_precedes_its_result(backend: str, tiny_llama_dir, d
         else:
             assert event["phase"] == "done" and usage == job and event["seconds"] >= 0
     assert sum(e["circuits"] for e in submitted) == metrics["quantum"]["circuits"]
+    # What `qpa finetune` and `qpa jobs watch` print for them.
+    assert describe_quantum_job(submitted[0]).startswith(
+        f"quantum job 1/2 submitted: {submitted[0]['circuits']} circuits x 32 shots on "
+        f"{backend}")
+    assert describe_quantum_job(jobs[1][0]).startswith("quantum job 1/2 done in ")
     # The first job runs before training starts; it is announced, not hidden behind
     # the "loading base model" status.
     kinds = [e["type"] for e in seen]
