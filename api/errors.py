@@ -100,6 +100,9 @@ def _methods_for(request: Request) -> list[str]:
 def describe_validation_error(error: dict[str, Any]) -> tuple[str | None, str]:
     """(field, message) of one pydantic/FastAPI error, worded as ``qpa.config`` words a
     ConfigError: a job body and a CLI config file get the same sentences."""
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, ConfigError):  # a cross-field check of the job config names its field
+        return raised.field, raised.reason
     location = list(error.get("loc", ()))
     if location[:1] in (["body"], ["query"], ["header"], ["path"]):
         location = location[1:]

@@ -27,7 +27,7 @@ from api.errors import (
     add_error_handlers,
 )
 from api.metrics import StoreCollector
-from api.routes import backends, files, jobs, keys, ui
+from api.routes import backends, estimates, files, jobs, keys, ui
 from api.schemas import Health, error_responses
 from services.artifacts import ArtifactStore
 from services.backends import apply_ibm_settings
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(backends.router)
+    app.include_router(estimates.router)
     app.include_router(keys.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")

@@ -50,6 +50,8 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_overhead": (300, 2400),
     "bench_service": (180, 1200),
     "bench_scaling": (1200, 3600),
+    # full: ~5 run-hours, two at a time: ~2.5-3 h on 2 idle cores (bench_qpu's docstring)
+    "bench_qpu": (600, 8 * 3600),
     "bench_frontier": (900, 86400),  # full: ~10 h on 2 CPU cores, minutes on a GPU
     # Skips itself (exit 0, no results) until `make bench-llamacpp` has built llama.cpp.
     "bench_llamacpp": (900, 2400),

@@ -43,6 +43,7 @@ def finetune(
 ) -> None:
     """Run one fine-tuning job in this process (or N), with a progress bar."""
     from qpa.distributed import check_nproc, check_world, torchrun_world_size
+    from qpa.estimate import describe_estimate, describe_quantum_job
     from qpa.training import finetune as run_finetune
 
     logging.basicConfig(level=logging.WARNING)
@@ -94,6 +95,18 @@ def finetune(
         elif kind == "status":
             progress.update(task, description=event["message"][:40],
                             completed=event.get("step", 0))
+        elif kind == "quantum_plan":
+            for line in describe_estimate(event):
+                progress.console.print(f"  [dim]{line}[/]")
+            for warning in event.get("warnings", []):
+                progress.console.print(f"  [yellow]warning:[/] {warning}")
+        elif kind == "quantum_job":
+            # A job on a device can take minutes: say which one runs, and how big it is.
+            line = describe_quantum_job(event)
+            if event.get("phase") == "submitted":
+                progress.update(task, description=line.split(":")[0], info=line.split(": ")[1])
+            else:
+                progress.update(task, info=line)
 
     try:
         with progress:
@@ -111,6 +124,35 @@ def finetune(
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
     _summary(metrics, target)
+
+
+@app.command()
+def estimate(
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Job config file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+) -> None:
+    """What a job will cost on its backend, without training: qubits, depth after
+    transpilation, primitive jobs, circuits, shots and QPU seconds, with warnings."""
+    import json
+
+    from qpa.estimate import describe_estimate, estimate_job
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+    try:
+        result = estimate_job(load_config(config_path))
+    except ConfigError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for line in describe_estimate(result.as_dict()):
+            console.print(line)
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+    if result.over_budget:
+        raise typer.Exit(3)
 
 
 def _torchrun_rank(config: Any, target: Path, on_event: Any, *, resume: bool) -> dict[str, Any]:

@@ -30,7 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpa.backends.base import QuantumBackend, jacobian_from_shifts, shift_rule_for, shifted_bindings
+from qpa.backends.base import (
+    QuantumBackend,
+    jacobian_from_shifts,
+    shift_rule_for,
+    shifted_binding_count,
+    shifted_bindings,
+)
 from qpa.circuits import basis_bits, build_ansatz, support_size
 from qpa.errors import QuantumBudgetExceeded
 
@@ -54,6 +60,16 @@ def plan_qubits(
         while support_size("rbs", num_qubits) < per_sub:
             num_qubits += 1
     return per_sub, num_qubits
+
+
+def fit_sub_generators(num_values: int, chunk_size: int, ansatz: str, width: int,
+                       most: int = 1024) -> int | None:
+    """Fewest sub-generators whose circuits fit in ``width`` qubits (None: no count up to
+    ``most`` does). Fewer sub-generators mean fewer mapping MLPs and circuit rows."""
+    for count in range(1, most + 1):
+        if plan_qubits(num_values, chunk_size, count, ansatz)[1] <= width:
+            return count
+    return None
 
 
 class MappingMLP(nn.Module):
@@ -189,8 +205,21 @@ class QPAGenerator(nn.Module):
         self._p_graph = self._jacobian = None
         self._p_leaf, self._fresh = self.fixed_p, True
 
+    def job_circuits(self, with_gradient: bool) -> int:
+        """Circuits (bindings) of the one job a ``refresh`` submits: every circuit row at
+        theta, and for a parameter-shift backend with the gradient every shifted binding."""
+        rows = self.theta.shape[0]
+        if with_gradient and not self.backend.autograd_native:
+            return rows * shifted_binding_count(self.theta.shape[1], shift_rule_for(self.circuit))
+        return rows
+
     def refresh(self, with_gradient: bool) -> None:
-        """Evaluate p(theta) for every sub-generator in one backend call."""
+        """Evaluate p(theta) for every sub-generator in one backend call.
+
+        With a planning backend (``qpa.estimate``) the job is counted, not run: p is a
+        placeholder of one column and the Jacobian zero, so that every later decision
+        (windows, evaluations) is taken by this same code on the same state.
+        """
         if self.fixed_p is not None:
             self._p_leaf, self._fresh = self.fixed_p, True
             return
@@ -198,7 +227,13 @@ class QPAGenerator(nn.Module):
             raise RuntimeError("attach a backend before generating")
         carried = self._p_leaf.grad if self._p_leaf is not None else None
         self._p_graph = self._jacobian = None
-        if self.backend.autograd_native:
+        if getattr(self.backend, "plans_only", False):
+            self.backend.count(self.job_circuits(with_gradient))
+            rows, where = self.theta.shape[0], {"dtype": torch.float64, "device": self.theta.device}
+            probs = torch.zeros(rows, 1, **where)
+            if with_gradient:
+                self._jacobian = torch.zeros(rows, 1, self.theta.shape[1], **where)
+        elif self.backend.autograd_native:
             with torch.set_grad_enabled(with_gradient):
                 probs = self.backend.probabilities(self.theta)
             if with_gradient:
@@ -208,6 +243,7 @@ class QPAGenerator(nn.Module):
             if with_gradient:
                 rule = shift_rule_for(self.circuit)
                 bindings = np.concatenate([shifted_bindings(t, rule) for t in thetas])
+                assert len(bindings) == self.job_circuits(with_gradient)
                 values = self.backend.evaluate(bindings)
                 values = values.reshape(len(thetas), -1, 2**self.num_qubits)
                 probs = torch.as_tensor(values[:, 0], dtype=torch.float64)

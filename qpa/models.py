@@ -8,6 +8,7 @@ result as an ordinary Hugging Face directory under ``$QPA_HOME/models`` so later
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -19,7 +20,13 @@ from pathlib import Path
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.pytorch_utils import Conv1D
 
 from qpa.errors import ConfigError
@@ -99,6 +106,33 @@ def resolve_model_path(name: str) -> str:
     if name in ALIASES:
         return str(_materialise_alias(name))
     return name
+
+
+@functools.lru_cache(maxsize=8)
+def _alias_config(name: str) -> PretrainedConfig:
+    # Read from the GGUF's metadata (seconds) rather than converting the weights (a minute):
+    # an estimate of a job must not pay for its training's model conversion.
+    gguf = _gguf_path(ALIASES[name])
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def base_model_config(name: str) -> PretrainedConfig:
+    """The base model's transformers config without loading (or converting) its weights;
+    ConfigError naming ``base_model`` when there is none."""
+    try:
+        if name in ALIASES:
+            cache = os.environ.get("QPA_MODELS")
+            converted = (Path(cache).expanduser() if cache else qpa_home() / "models") / name
+            if (converted / "config.json").is_file():
+                return AutoConfig.from_pretrained(converted, local_files_only=True)
+            return _alias_config(name)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            "base_model",
+            f"unknown base model {name!r}: not an alias ({', '.join(ALIASES)}), a local "
+            f"Hugging Face directory, or a hub id in the local cache ({error})",
+        ) from None
 
 
 def load_base_model(name: str, device: str | torch.device = "cpu"):

@@ -115,6 +115,7 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.method: AdapterMethod | None = None
         self.tracker: TensorBoardLog | None = None
+        self.planned_jobs: int | None = None
 
     # -- events -----------------------------------------------------------------------
     def emit(self, event_type: str, **fields: Any) -> None:
@@ -128,6 +129,12 @@ class Trainer:
             self.tracker.record(event)
         if self._sink is not None:
             self._sink(event)
+
+    def _quantum_job(self, info: dict[str, Any]) -> None:
+        """One event per primitive job submitted and done, numbered against the plan."""
+        if self.planned_jobs is not None:
+            info = {**info, "planned_jobs": self.planned_jobs}
+        self.emit("quantum_job", **info)
 
     # -- set-up: everything that can be wrong is found here -----------------------------
     def _prepare(self) -> None:
@@ -171,8 +178,10 @@ class Trainer:
         seed_everything(config.train.seed)
         self.method = method_class(config.method)(config, self.target_modules)
         self.method.data_parallel = data_parallel
+        self.method.on_quantum_job = self._quantum_job
         self.model = self.method.attach(model)
         self.model.to(self.device)
+        self._plan_quantum_work()
         # Start every rank from rank 0's weights, as DDP does (they agree already when the
         # seed fixes every random initialisation; this makes it so regardless).
         data_parallel.broadcast_tensors(self.method.trainable_parameters())
@@ -186,6 +195,20 @@ class Trainer:
             weight_decay=config.train.weight_decay,
         )
         self.scheduler = lr_schedule(self.optimizer, config)
+
+    def _plan_quantum_work(self) -> None:
+        """Estimate the run's quantum jobs before the first one (``qpa.estimate``), tell
+        the user, and refuse a run whose QPU-seconds estimate exceeds quantum.max_seconds."""
+        generator = getattr(self.method, "generator", None)
+        backend = getattr(self.method, "backend", None)
+        if not self.data_parallel.is_main or generator is None or backend is None:
+            return
+        from qpa.estimate import check_budget, estimate_job
+
+        estimate = estimate_job(self.config, num_values=generator.num_values, backend=backend)
+        check_budget(estimate)
+        self.planned_jobs = estimate.jobs
+        self.emit("quantum_plan", **estimate.as_dict())
 
     # -- pieces of the loop ------------------------------------------------------------
     def _autocast(self) -> AbstractContextManager:

@@ -238,6 +238,8 @@ def jobs_download(
 
 
 def _watch(client: QPAClient, job_id: str) -> int:
+    from qpa.estimate import describe_quantum_job
+
     job = client.get_job(job_id)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
@@ -262,6 +264,10 @@ def _watch(client: QPAClient, job_id: str) -> int:
                                 info="  ".join(info.values()))
             elif kind == "eval" and data.get("eval_loss") is not None:
                 info["eval"] = f"eval {data['eval_loss']:.4f}"
+                progress.update(task, info="  ".join(info.values()))
+            elif kind == "quantum_job":
+                # A primitive job on a device can run for minutes: say which, how big.
+                info["q"] = describe_quantum_job(data)
                 progress.update(task, info="  ".join(info.values()))
             elif kind == "status":
                 progress.update(task, description=f"{job_id} {data.get('status', '')}".strip())

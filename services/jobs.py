@@ -33,9 +33,12 @@ COLUMN_LIMITS = {"backend": 200, "base_model": 500}
 
 
 def prepare_config(session: Session, settings: Settings, owner_id: str,
-                   body: JobConfig) -> dict[str, Any]:
+                   body: JobConfig, enforce_budget: bool = True) -> dict[str, Any]:
     """Apply server policy to a validated job config and return the config dict to
-    store. Raises ConfigError or NotFoundError naming the field at fault."""
+    store. Raises ConfigError or NotFoundError naming the field at fault.
+
+    With ``enforce_budget`` a job whose estimated QPU seconds (``qpa.estimate``) exceed
+    its quantum.max_seconds, or the server's cap, is refused here, at submission."""
     config = body.model_copy(deep=True)
     if "backend" not in config.model_fields_set:
         config.backend = settings.default_backend
@@ -61,6 +64,13 @@ def prepare_config(session: Session, settings: Settings, owner_id: str,
     if quantum.max_qubits is None or quantum.max_qubits > settings.max_qubits:
         quantum.max_qubits = settings.max_qubits
     cap = settings.max_quantum_seconds
-    if cap is not None and (quantum.max_seconds is None or quantum.max_seconds > cap):
+    capped = cap is not None and (quantum.max_seconds is None or quantum.max_seconds > cap)
+    if capped:
         quantum.max_seconds = cap
+    if enforce_budget and quantum.max_seconds is not None:
+        from qpa.estimate import check_budget, estimate_job, has_device_timing
+
+        if has_device_timing(config):
+            note = " (the server's cap, QPA_MAX_QUANTUM_SECONDS)" if capped else ""
+            check_budget(estimate_job(config), limit_note=note)
     return config.model_dump(mode="json")

@@ -18,7 +18,7 @@ from qiskit_aer import AerSimulator
 from qiskit_aer.library import SaveProbabilities
 from qiskit_aer.primitives import SamplerV2
 
-from qpa.backends.base import QuantumBackend
+from qpa.backends.base import QuantumBackend, shots_per_circuit
 from qpa.config import QuantumOptions
 
 #: Gates the transpiled circuit may use; see the note in ``AerBackend.__init__``.
@@ -78,16 +78,26 @@ class AerBackend(QuantumBackend):
                 probs = self._run_exact(bindings)
             else:
                 probs = self._run_sampler(bindings)
-        self.usage.record(circuits=batch, shots=batch * (self.shots or 0), seconds=timer.seconds)
+        self.usage.record(circuits=batch, shots=batch * self.shots_per_circuit,
+                          seconds=timer.seconds)
+        self._job_done(timer.seconds)
         return probs
+
+    @property
+    def shots_per_circuit(self) -> int:
+        return shots_per_circuit("aer", self.options)
+
+    @property
+    def executed_circuit(self) -> QuantumCircuit:
+        return self.compiled
 
     def _run_exact(self, bindings: np.ndarray) -> np.ndarray:
         params = self.compiled.parameters
         pairs = zip(params, self._columns, strict=True)
         binds = [{param: bindings[:, column] for param, column in pairs}]
-        result = self._simulator.run(
-            self.compiled, parameter_binds=binds if len(params) else None
-        ).result()
+        job = self._simulator.run(self.compiled, parameter_binds=binds if len(params) else None)
+        self._job_submitted(len(bindings))
+        result = job.result()
         if not result.success:
             raise RuntimeError(f"Aer simulation failed: {result.status}")
         # Without parameters Aer runs a single experiment; broadcast it to the batch.
@@ -106,7 +116,9 @@ class AerBackend(QuantumBackend):
         self._sampler.options.run_options["seed_simulator"] = int(self._seeds.integers(2**31))
         values = bindings[:, self._columns]
         pub = (self.compiled, values) if self.compiled.num_parameters else (self.compiled,)
-        result = self._sampler.run([pub]).result()
+        job = self._sampler.run([pub])
+        self._job_submitted(len(bindings))
+        result = job.result()
         probs = bit_array_probabilities(result[0].data.meas, self.num_qubits)
         return np.broadcast_to(probs, (len(bindings), probs.shape[-1])).copy()
 

@@ -9,11 +9,31 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from qiskit.circuit import QuantumCircuit
+
+from qpa.config import QuantumOptions
+
+#: Shots per circuit on Runtime backends when ``quantum.shots`` is unset (no exact mode there).
+DEFAULT_SHOTS = 4096
+
+
+def shots_per_circuit(spec: str, options: QuantumOptions) -> int:
+    """Shots every circuit of a job gets on backend ``spec`` (0: exact probabilities).
+
+    The one place this is decided: the backends record usage with it and the pre-run
+    estimate counts with it, also when the backend cannot be built (too narrow a device).
+    """
+    if spec.startswith(("ibm:", "ibm-fake:")):
+        return options.shots or DEFAULT_SHOTS
+    if spec == "aer":
+        return options.shots or 0
+    return 0  # the torch statevector is exact
 
 
 @dataclass
@@ -71,6 +91,11 @@ def shift_rule_for(circuit: QuantumCircuit) -> ShiftRule:
     return ShiftRule(2 if "rbs" in names else 1)
 
 
+def shifted_binding_count(num_params: int, rule: ShiftRule) -> int:
+    """Rows of ``shifted_bindings``: the circuits one forward plus full Jacobian costs."""
+    return 1 + 2 * rule.frequencies * num_params
+
+
 def shifted_bindings(theta: np.ndarray, rule: ShiftRule) -> np.ndarray:
     """Bindings [theta, theta +- s_mu e_i ...] for one forward + full Jacobian, shape (1+2RP, P)."""
     num_params = theta.shape[0]
@@ -79,7 +104,9 @@ def shifted_bindings(theta: np.ndarray, rule: ShiftRule) -> np.ndarray:
     for shift in rule.shifts:
         rows.append(theta[None, :] + shift * eye)
         rows.append(theta[None, :] - shift * eye)
-    return np.concatenate(rows, axis=0)
+    bindings = np.concatenate(rows, axis=0)
+    assert len(bindings) == shifted_binding_count(num_params, rule)
+    return bindings
 
 
 def jacobian_from_shifts(values: np.ndarray, rule: ShiftRule) -> np.ndarray:
@@ -94,6 +121,10 @@ def jacobian_from_shifts(values: np.ndarray, rule: ShiftRule) -> np.ndarray:
     return jacobian
 
 
+#: Receives one dict when a primitive job is submitted and one when its result is in.
+JobListener = Callable[[dict[str, Any]], None]
+
+
 class QuantumBackend(ABC):
     """Evaluates the output distribution p(theta) of one circuit, with gradients."""
 
@@ -105,10 +136,49 @@ class QuantumBackend(ABC):
         self.num_qubits = circuit.num_qubits
         self.num_parameters = circuit.num_parameters
         self.usage = QuantumUsage()
+        #: Told about every primitive job (see ``_job_submitted``); set by the method.
+        self.on_job: JobListener | None = None
 
     @property
     @abstractmethod
     def name(self) -> str: ...
+
+    @property
+    def shots_per_circuit(self) -> int:
+        """Shots each circuit of a job gets (0: exact probabilities, no sampling). The one
+        place both the usage counters and the pre-run estimate (``qpa.estimate``) read."""
+        return 0
+
+    def set_job_listener(self, listener: JobListener | None) -> None:
+        """Send this backend's primitive-job announcements to ``listener``."""
+        self.on_job = listener
+
+    @property
+    def executed_circuit(self) -> QuantumCircuit | None:
+        """The circuit as it is sent to the primitive (transpiled; ISA on a device), or None
+        when the backend executes no Qiskit circuit (the torch statevector)."""
+        return None
+
+    def seconds_per_shot(self) -> float | None:
+        """QPU time one shot of the executed circuit takes, from the device's published
+        timing (None: a simulator, or a device that publishes none)."""
+        return None
+
+    def _job_submitted(self, circuits: int, runtime_job_id: str | None = None) -> None:
+        """Announce a primitive job before waiting for its result: on a QPU the wait is
+        queue time plus minutes of execution, and a silent wait looks like a hang."""
+        if self.on_job is not None:
+            self.on_job({"phase": "submitted", "job": self.usage.jobs + 1,
+                         "backend": self.name, "circuits": circuits,
+                         "shots": circuits * self.shots_per_circuit,
+                         "shots_per_circuit": self.shots_per_circuit,
+                         "runtime_job_id": runtime_job_id})
+
+    def _job_done(self, seconds: float, runtime_job_id: str | None = None) -> None:
+        """Announce the job ``usage`` has just recorded (call after ``usage.record``)."""
+        if self.on_job is not None:
+            self.on_job({"phase": "done", "job": self.usage.jobs, "backend": self.name,
+                         "seconds": seconds, "runtime_job_id": runtime_job_id})
 
     @abstractmethod
     def evaluate(self, bindings: np.ndarray) -> np.ndarray:

@@ -25,16 +25,13 @@ import numpy as np
 from qiskit.circuit import QuantumCircuit
 
 from qpa.backends.aer import bit_array_probabilities, parameter_columns
-from qpa.backends.base import QuantumBackend
+from qpa.backends.base import QuantumBackend, shots_per_circuit
 from qpa.config import QuantumOptions
 from qpa.errors import ConfigError
 
 if TYPE_CHECKING:
     from qiskit.providers import BackendV2
     from qiskit_ibm_runtime import QiskitRuntimeService
-
-#: Shots per circuit on Runtime backends when ``quantum.shots`` is unset (no exact mode there).
-DEFAULT_SHOTS = 4096
 
 _NO_CREDENTIALS = (
     "no IBM Quantum credentials: set QISKIT_IBM_TOKEN (and QISKIT_IBM_INSTANCE, optionally "
@@ -199,7 +196,7 @@ class RuntimeBackend(QuantumBackend):
 
         self.spec = spec
         self.options = options
-        self.shots = options.shots or DEFAULT_SHOTS
+        self.shots = shots_per_circuit(spec, options)
         kind, name = parse_spec(spec)
         self.local = kind == "ibm-fake"
         self.backend = fake_backend(name) if self.local else ibm_backend(runtime_service(), name)
@@ -257,15 +254,41 @@ class RuntimeBackend(QuantumBackend):
             pub = (self.isa_circuit,)
         with self._timed() as timer:
             job = sampler.run([pub])
+            job_id = job.job_id()
+            self._job_submitted(batch, runtime_job_id=job_id)
             result = job.result()
         bits = result[0].data.meas
         probs = bit_array_probabilities(bits, self.num_qubits)
         probs = np.broadcast_to(probs, (batch, probs.shape[-1])).copy()
         seconds = None if self.local else _quantum_seconds(job)
         # Twirling rounds shots up to randomizations x shots per randomization: count what ran.
-        self.usage.record(circuits=batch, shots=batch * int(bits.num_shots),
-                          seconds=timer.seconds if seconds is None else seconds)
+        seconds = timer.seconds if seconds is None else seconds
+        self.usage.record(circuits=batch, shots=batch * int(bits.num_shots), seconds=seconds)
+        self._job_done(seconds, runtime_job_id=job_id)
         return probs
+
+    @property
+    def shots_per_circuit(self) -> int:
+        return shots_per_circuit(self.spec, self.options)
+
+    @property
+    def executed_circuit(self) -> QuantumCircuit:
+        return self.isa_circuit
+
+    def seconds_per_shot(self) -> float | None:
+        """ISA circuit duration (longest path under the target's gate and readout
+        durations) plus the device's ``default_rep_delay``, the pause IBM inserts between
+        shots for qubit reset; None when the target publishes no durations."""
+        try:
+            duration = self.isa_circuit.estimate_duration(self.backend.target, unit="s")
+        except Exception:  # a target without durations cannot be timed; not an error
+            return None
+        rep_delay = getattr(self.backend, "default_rep_delay", None)
+        if rep_delay is None:
+            configuration = getattr(self.backend, "configuration", None)
+            rep_delay = getattr(configuration(), "default_rep_delay", None) if configuration \
+                else None
+        return float(duration) + float(rep_delay or 0.0)
 
     def close(self) -> None:
         """Close the Session/Batch (queued jobs still finish). Safe to call repeatedly."""

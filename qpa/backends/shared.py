@@ -52,6 +52,22 @@ class SharedBackend(QuantumBackend):
     def name(self) -> str:
         return self.inner.name if self.inner is not None else self.spec
 
+    def set_job_listener(self, listener) -> None:
+        # Only rank 0's real backend submits jobs (and only rank 0 emits events).
+        if self.inner is not None:
+            self.inner.set_job_listener(listener)
+
+    @property
+    def shots_per_circuit(self) -> int:
+        return self.inner.shots_per_circuit if self.inner is not None else 0
+
+    @property
+    def executed_circuit(self):
+        return self.inner.executed_circuit if self.inner is not None else None
+
+    def seconds_per_shot(self) -> float | None:
+        return self.inner.seconds_per_shot() if self.inner is not None else None
+
     def _from_main(self, produce: Any) -> Any:
         """Rank 0's ``produce()`` on every rank, with rank 0's usage mirrored."""
         def run() -> tuple[Any, dict]:

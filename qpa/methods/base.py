@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qpa.backends.base import JobListener
 from qpa.config import JobConfig
 from qpa.distributed import SINGLE_PROCESS, DataParallel
 from qpa.errors import ConfigError
@@ -26,6 +27,9 @@ class AdapterMethod(ABC):
     #: Set by the trainer before ``attach``. A method that runs circuits gets its backend
     #: from ``data_parallel.quantum_backend(...)`` so that only rank 0 submits jobs.
     data_parallel: DataParallel = SINGLE_PROCESS
+    #: Set by the trainer before ``attach``: receives each primitive job's announcements
+    #: (``QuantumBackend._job_submitted`` / ``_job_done``) for the job's event stream.
+    on_quantum_job: JobListener | None = None
 
     def __init__(self, config: JobConfig, target_modules: list[str]):
         self.config = config

@@ -35,7 +35,8 @@ FUZZ_EXAMPLES = 100
 FUZZ_KEY = store.KEY_PREFIX + secrets.token_urlsafe(32)
 # Where the schema cannot say everything, "valid" data may still be refused with 422:
 # an upload's lines must be training records, and a job's backend must be one this
-# server allows and can reach. Those two operations accept 422 for schema-valid data.
+# server allows and can reach. Those operations (and the estimate of a job body) accept
+# 422 for schema-valid data.
 CONTENT_RULES = ["2xx", "401", "404", "409", "422"]
 # The document the app serves (checked against the served one below), built in-process
 # so that pytest can collect one test per operation before any server runs.
@@ -47,7 +48,7 @@ schema = schemathesis.openapi.from_dict(OPENAPI, config=schemathesis.Config.from
     "operations": [
         *({"include-method": "POST", "include-path": path,
            "checks": {"positive_data_acceptance": {"expected-statuses": CONTENT_RULES}}}
-          for path in ("/v1/files", "/v1/jobs")),
+          for path in ("/v1/files", "/v1/jobs", "/v1/estimates")),
         # Undeclared query parameters are ignored by design (SERVICE.md), so an extra one
         # is not invalid input. (Only GETs take query parameters; bodies keep the check:
         # a job body with an unknown key must be refused.)

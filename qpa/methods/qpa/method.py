@@ -11,17 +11,20 @@ LoRA adapter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import get_peft_model
+from qiskit.circuit import QuantumCircuit
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qpa.backends import check_width
-from qpa.backends.base import QuantumUsage
-from qpa.generator import QPAGenerator
+from qpa.backends import backend_qubit_limit, check_width
+from qpa.backends.base import QuantumBackend, QuantumUsage
+from qpa.errors import ConfigError
+from qpa.generator import QPAGenerator, fit_sub_generators
 from qpa.methods.base import AdapterMethod
 from qpa.methods.lora.method import lora_config
 
@@ -43,56 +46,72 @@ class _GeneratedSlice(nn.Module):
         return original + values.view(self.shape).to(original.dtype)
 
 
+def generated_layers(peft_model: nn.Module, generate_a: bool) -> list[tuple[str, nn.Module]]:
+    """The LoRA weights the generator writes, by name, in model order (B only without
+    ``generate_a``, whose A then stays PEFT's random initialisation, frozen, as in LoRA-FA).
+    Works on a model built on the meta device, as the pre-run estimate does."""
+    weights: list[tuple[str, nn.Module]] = []
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+            lora_a, lora_b = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+            if generate_a:
+                weights.append((f"{name}.lora_A", lora_a))
+            else:
+                lora_a.weight.requires_grad_(False)
+            weights.append((f"{name}.lora_B", lora_b))
+    return weights
+
+
+def runs_circuit(ablation: str) -> bool:
+    """Whether a job with this ``qpa.ablation`` evaluates the circuit (frozen angles: once);
+    the others replace p by a fixed distribution and never build a backend."""
+    return ablation in ("none", "frozen_angles")
+
+
+def resolve_sub_generators(config: Any, num_values: int) -> int:
+    """``qpa.sub_generators`` as a count: ``auto`` picks the fewest whose circuits fit the
+    backend's qubits and ``quantum.max_qubits`` (ConfigError when none fits)."""
+    options = config.qpa
+    if options.sub_generators != "auto":
+        return options.sub_generators
+    limits = [config.quantum.max_qubits, backend_qubit_limit(config.backend)]
+    width = min(limit for limit in limits if limit is not None)
+    count = fit_sub_generators(num_values, options.chunk_size, options.ansatz, width)
+    if count is None:
+        raise ConfigError("qpa.sub_generators", f"even 1024 sub-generators need more than "
+                          f"{width} qubits; raise qpa.chunk_size")
+    return count
+
+
+def lora_equivalent_params(peft_model: nn.Module) -> int:
+    """Parameters plain LoRA would train on the same layers (A and B of each)."""
+    return sum(
+        module.lora_A[ADAPTER].weight.numel() + module.lora_B[ADAPTER].weight.numel()
+        for module in peft_model.modules()
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {})
+    )
+
+
 class QPAMethod(AdapterMethod):
     """Quantum Parameter Adaptation (Liu et al., ICLR 2025) on PEFT LoRA layers."""
 
     name = "qpa"
 
     def attach(self, base_model: nn.Module) -> nn.Module:
-        options = self.config.qpa
         self.model = get_peft_model(
             base_model, lora_config(self.config, self.target_modules, base_model)
         )
-        self.weights: list[tuple[str, nn.Module]] = []
-        self.lora_equivalent = 0
-        for name, module in self.model.named_modules():
-            if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
-                lora_a, lora_b = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
-                self.lora_equivalent += lora_a.weight.numel() + lora_b.weight.numel()
-                if options.generate_a:
-                    self.weights.append((f"{name}.lora_A", lora_a))
-                else:
-                    # LoRA-FA style: A keeps PEFT's random initialisation, frozen.
-                    lora_a.weight.requires_grad_(False)
-                self.weights.append((f"{name}.lora_B", lora_b))
+        self.weights = generated_layers(self.model, self.config.qpa.generate_a)
+        self.lora_equivalent = lora_equivalent_params(self.model)
         num_values = sum(layer.weight.numel() for _, layer in self.weights)
-        self.generator = QPAGenerator(
-            num_values,
-            chunk_size=options.chunk_size,
-            depth=options.depth,
-            ansatz=options.ansatz,
-            mlp_hidden=options.mlp_hidden,
-            sub_generators=options.sub_generators,
-            features=options.features,
-            read_bits=options.basis_bits,
-            postprocess=options.postprocess,
-            seed=self.config.train.seed,
-        )
         device = next(base_model.parameters()).device
-        self.generator.to(device)
-        self.backend = None
-        if options.ablation in ("none", "frozen_angles"):
-            # Width and credentials are checked here, before any training step.
-            check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
+
+        def backend_for(circuit):
             # Data-parallel: only rank 0 runs the circuit; the other ranks receive p from it.
-            self.backend = self.data_parallel.quantum_backend(
-                self.config.backend, self.generator.circuit, self.config.quantum,
-                device=str(device),
-            )
-            self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
-        if options.ablation != "none":
-            fixed = {"frozen_angles": "initial", "constant_p": "uniform", "random_p": "random"}
-            self.generator.fix_distribution(fixed[options.ablation], seed=self.config.train.seed)
+            return self.data_parallel.quantum_backend(
+                self.config.backend, circuit, self.config.quantum, device=str(device))
+
+        self.setup_generator(num_values, device, backend_for)
         self.sizes = [layer.weight.numel() for _, layer in self.weights]
         self._set_current(torch.zeros(num_values, device=device))
         for index, (_, layer) in enumerate(self.weights):
@@ -105,8 +124,43 @@ class QPAMethod(AdapterMethod):
             name: layer.parametrizations.weight.original.detach().cpu().clone()
             for name, layer in self.weights
         }
-        self._pending_grad: torch.Tensor | None = None
         return self.model
+
+    def setup_generator(self, num_values: int, device: torch.device | str,
+                        backend_for: Callable[[QuantumCircuit], QuantumBackend],
+                        check: bool = True) -> None:
+        """Build the generator of ``num_values`` and give it ``backend_for(circuit)``.
+
+        Shared by ``attach`` and the pre-run estimate (``qpa.estimate``), which passes a
+        counting backend: the estimate's jobs are the ones this code would submit.
+        ``check=False`` skips the width check (the estimate reports it as a warning).
+        """
+        options = self.config.qpa
+        sub_generators = resolve_sub_generators(self.config, num_values)
+        self.generator = QPAGenerator(
+            num_values,
+            chunk_size=options.chunk_size,
+            depth=options.depth,
+            ansatz=options.ansatz,
+            mlp_hidden=options.mlp_hidden,
+            sub_generators=sub_generators,
+            features=options.features,
+            read_bits=options.basis_bits,
+            postprocess=options.postprocess,
+            seed=self.config.train.seed,
+        )
+        self.generator.to(device)
+        self.backend = None
+        self._pending_grad = None
+        if runs_circuit(options.ablation):
+            if check:  # width and credentials are checked here, before any training step
+                check_width(self.config.backend, self.generator.num_qubits, self.config.quantum)
+            self.backend = backend_for(self.generator.circuit)
+            self.backend.set_job_listener(self.on_quantum_job)
+            self.generator.attach_backend(self.backend, self.config.quantum.max_seconds)
+        if options.ablation != "none":
+            fixed = {"frozen_angles": "initial", "constant_p": "uniform", "random_p": "random"}
+            self.generator.fix_distribution(fixed[options.ablation], seed=self.config.train.seed)
 
     def _set_current(self, values: torch.Tensor) -> None:
         # Split once per step: every weight then reads its own view, and backward joins the

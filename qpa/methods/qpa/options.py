@@ -57,11 +57,12 @@ class QpaOptions(PresetSection):
     mlp_hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [32, 32], description="Hidden widths of the mapping MLP."
     )
-    sub_generators: Annotated[
-        int,
-        Field(ge=1, le=1024, description="Independent circuit+MLP pairs; each covers an equal "
-              "share of the chunks, so each needs fewer qubits."),
-    ] = 1
+    sub_generators: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default=1,
+        description="Independent circuit+MLP pairs; each covers an equal share of the "
+        "chunks, so each needs fewer qubits. auto: the fewest whose circuits fit the "
+        "backend's width and quantum.max_qubits (e.g. 5 qubits on FakeManilaV2).",
+    )
     update_every: Annotated[
         int,
         Field(ge=1, description="Evaluate the circuit and its gradient once per this many "

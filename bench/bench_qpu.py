@@ -1,0 +1,366 @@
+"""QPU settings: held-out quality of QPA compact under shots, update_every and device noise.
+
+Workload: the quality frontier's (``bench/bench_frontier.py``): SmolLM2-135M-Instruct on
+held-out pydoc topics, QPA ``compact`` at the frontier's learning rate (1e-2), 150 steps of
+batch 4 x 128 tokens, cosine with 6 % warm-up, seed 0; held-out loss of the exported adapter
+loaded by stock PEFT on 48 fixed 128-token chunks.
+
+Rows:
+
+* **exact**: the torch statevector (no shots) at update_every 1, 4, 16, 64;
+* **shots**: Aer's SamplerV2 without noise (``backend: aer``) at 256, 1,024 and 4,096 shots
+  per circuit, for each update_every;
+* **noise**: device noise only reaches p through the circuit, so it is measured with the
+  angles frozen (``qpa.ablation: frozen_angles``, one job of 8 circuits): exact, a noiseless
+  shot sampler and ``ibm-fake:FakeFez`` (qiskit-ibm-runtime's local testing mode with the
+  device's noise model), all at 1,024 shots. Trained-angle runs on the noisy simulator are
+  out of reach locally: one gradient job of compact is 1,544 circuits of 12 qubits, about
+  16 s each in the noisy simulation (docs/QPU.md), some 7 hours per job.
+
+Beside every row: primitive jobs, circuits and shots (from the run's metrics.json) and the
+QPU seconds ``qpa.estimate`` gives for the same run on ``ibm_fez`` (FakeFez's published
+timing). The recommendation is the row with the fewest estimated QPU seconds whose gain
+over the base model is >= 95 % of exact QPA's (statevector, update_every 1); it becomes
+``quantum.preset: qpu-economy`` (tests/test_qpu_preset.py holds the preset to it).
+
+    python -m bench.bench_qpu             # full: 19 runs, resumable (see below)
+    python -m bench.bench_qpu --quick     # smoke test: tiny budget, three rows
+    python -m bench.bench_qpu --docs-only # table from the committed results
+
+Cost of the full run, from its parts measured on 2 shared cores: a 150-step compact run is
+~9.5 min of training; one 1,544-circuit Aer job took 5.7 s at 256 shots and 19.4 s at
+4,096; the noisy frozen-angle row simulates 8 x 1,024 shots of 12 qubits (~10 min). That
+is about 5 run-hours, the update_every 1 rows the longest (up to ~1 h each at 4,096
+shots): ~2.5-3 h with two workers on two idle cores, longer beside other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO_ROOT,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    print_table,
+    quiet_transformers,
+    read_json,
+    thread_env,
+    write_json,
+)
+
+NAME = "qpu"
+SECTION = "qpu"
+BASE_MODEL = "smollm2-135m"
+TARGETS = ["q_proj", "v_proj"]
+LEARNING_RATE = 1e-2  # the frontier's sweep for QPA compact
+REFERENCE = "exact_ue1"
+KEEP = 0.95  # share of exact QPA's gain a recommended setting must keep
+TIMING_BACKEND = "ibm-fake:FakeFez"  # whose published timing prices every row
+
+
+def _row(kind: str, backend: str, update_every: int, shots: int | None,
+         frozen: bool = False) -> dict[str, Any]:
+    return {"kind": kind, "backend": backend, "update_every": update_every, "shots": shots,
+            "frozen": frozen}
+
+
+def all_rows() -> dict[str, dict[str, Any]]:
+    rows = {f"exact_ue{u}": _row("exact", "statevector", u, None) for u in (1, 4, 16, 64)}
+    for shots in (256, 1024, 4096):
+        for u in (1, 4, 16, 64):
+            rows[f"shots{shots}_ue{u}"] = _row("shots", "aer", u, shots)
+    rows["frozen_exact"] = _row("noise", "statevector", 1, None, frozen=True)
+    rows["frozen_shots1024"] = _row("noise", "aer", 1, 1024, frozen=True)
+    rows["frozen_fez1024"] = _row("noise", "ibm-fake:FakeFez", 1, 1024, frozen=True)
+    return rows
+
+
+ROWS = all_rows()
+QUICK_ROWS = ["exact_ue1", "shots256_ue4", "frozen_fez1024"]
+
+
+def _label(name: str) -> str:
+    row = ROWS[name]
+    if row["frozen"]:
+        where = {"statevector": "exact", "aer": "noiseless shots",
+                 "ibm-fake:FakeFez": "FakeFez noise"}[row["backend"]]
+        # Shots are in their own column: quick mode runs the noisy row with fewer.
+        return f"angles frozen, {where}"
+    if row["kind"] == "exact":
+        return f"exact, update_every {row['update_every']}"
+    return f"{row['shots']} shots, update_every {row['update_every']}"
+
+
+def job_config(name: str, s: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
+    row = ROWS[name]
+    qpa: dict[str, Any] = {"preset": "compact", "update_every": row["update_every"]}
+    if row["frozen"]:
+        qpa["ablation"] = "frozen_angles"
+    quantum: dict[str, Any] = {"seed": 0}
+    if row["shots"]:
+        quantum["shots"] = s["noisy_shots"] if row["backend"].startswith("ibm") else row["shots"]
+    return {
+        "base_model": BASE_MODEL, "method": "qpa", "backend": row["backend"],
+        "train_file": data["train"], "eval_file": data["eval"], "steps": s["steps"],
+        "lora": {"r": 4, "alpha": 8, "target_modules": TARGETS}, "qpa": qpa,
+        "quantum": quantum,
+        "train": {"lr": LEARNING_RATE, "batch_size": s["batch_size"],
+                  "max_length": s["max_length"], "eval_batches": 1, "seed": 0,
+                  "schedule": "cosine", "warmup_steps": round(0.06 * s["steps"]),
+                  "checkpoint_every": 10**6, "sample_prompt": None, "device": "cpu"},
+    }
+
+
+# -- one run (in its own process) -----------------------------------------------------------
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one row with the product's path, evaluate its adapter with stock PEFT, and
+    price it with ``qpa.estimate`` on the timing backend."""
+    import torch
+    from peft import PeftModel
+
+    from bench.bench_frontier import _evaluate
+    from qpa.config import parse_config
+    from qpa.data import fixed_batches, read_jsonl, tokenize_records
+    from qpa.estimate import estimate_job
+    from qpa.models import load_base_model
+    from qpa.training import finetune
+
+    torch.set_num_threads(1)
+    config = spec["config"]
+    output = Path(tempfile.mkdtemp(prefix=f"qpu-{spec['row']}-"))
+    wall = time.perf_counter()
+    try:
+        metrics = finetune(parse_config(config), output, resume=False)
+        quantum = metrics["quantum"]
+        result: dict[str, Any] = {
+            "jobs": quantum["jobs"], "circuits": quantum["circuits"], "shots": quantum["shots"],
+            "quantum_wall_seconds": quantum["seconds"], "train_seconds": metrics["train_seconds"],
+            "num_qubits": metrics["num_qubits"], "trainable_params": metrics["trainable_params"],
+        }
+        shots = ROWS[spec["row"]]["shots"]
+        if shots:  # what the same run would cost on the device whose timing prices rows
+            priced = parse_config({**config, "backend": TIMING_BACKEND,
+                                   "quantum": {**config["quantum"], "shots": shots}})
+            estimate = estimate_job(priced, num_values=metrics["generated_values"])
+            result["estimated_qpu_seconds"] = estimate.qpu_seconds
+            result["estimate_matches_run"] = (estimate.jobs, estimate.circuits) == (
+                quantum["jobs"], quantum["circuits"])
+        base, tokenizer, _ = load_base_model(BASE_MODEL, "cpu")
+        examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
+                                    config["train"]["max_length"], "eval_file")
+        eval_set = fixed_batches(examples, config["train"]["batch_size"],
+                                 spec["eval_batches"], tokenizer.pad_token_id)
+        if spec["row"] == REFERENCE:
+            result["eval_loss_base"] = _evaluate(base, eval_set)
+        result["eval_loss"] = _evaluate(PeftModel.from_pretrained(base, output / "adapter"),
+                                        eval_set)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    result["wall_seconds"] = time.perf_counter() - wall
+    return result
+
+
+# -- scheduling -----------------------------------------------------------------------------
+
+
+def _key(spec: dict[str, Any]) -> str:
+    config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{spec['row']}|{digest}"
+
+
+def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
+    """Run what is missing, ``workers`` processes at a time; save after every finished run."""
+    todo = [spec for spec in specs if _key(spec) not in results["runs"]]
+    running: list[tuple[dict[str, Any], subprocess.Popen, Path]] = []
+    while todo or running:
+        while todo and len(running) < workers:
+            spec = todo.pop(0)
+            out = Path(tempfile.mkstemp(suffix=".json")[1])
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.bench_qpu", "--one", json.dumps(spec),
+                 "--out", str(out)], cwd=REPO_ROOT, env=thread_env(1))
+            running.append((spec, process, out))
+        time.sleep(2)
+        for item in list(running):
+            spec, process, out = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            if process.returncode == 0:
+                run = {"row": spec["row"], **json.loads(out.read_text())}
+                results["runs"][_key(spec)] = run
+                print(f"{spec['row']}: eval loss {run['eval_loss']:.4f}, {run['jobs']} jobs "
+                      f"({run['wall_seconds']:.0f} s)", flush=True)
+            else:
+                print(f"{spec['row']}: FAILED (exit {process.returncode})", flush=True)
+            out.unlink(missing_ok=True)
+            write_json(_name(results), results)
+
+
+def _name(results: dict[str, Any]) -> str:
+    """Quick runs keep their own (gitignored) file: a smoke test never replaces the numbers."""
+    return NAME if results["mode"] == "full" else f"{NAME}_quick"
+
+
+# -- summary --------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> None:
+    """Gains against exact QPA, and the cheapest shot setting keeping >= 95 % of it."""
+    runs = {run["row"]: run for run in results["runs"].values()}
+    base = next((run["eval_loss_base"] for run in runs.values() if "eval_loss_base" in run),
+                math.nan)
+    reference = runs.get(REFERENCE)
+    exact_gain = base - reference["eval_loss"] if reference else math.nan
+    for run in runs.values():
+        run["share_of_exact_gain"] = (base - run["eval_loss"]) / exact_gain
+    candidates = [run for name, run in runs.items() if ROWS[name]["kind"] == "shots"
+                  and run["share_of_exact_gain"] >= KEEP
+                  and run.get("estimated_qpu_seconds") is not None]
+    best = min(candidates, key=lambda run: run["estimated_qpu_seconds"], default=None)
+    results["summary"] = {"base_eval_loss": base, "exact_gain": exact_gain}
+    results["recommendation"] = best and {
+        "row": best["row"], "shots": ROWS[best["row"]]["shots"],
+        "update_every": ROWS[best["row"]]["update_every"],
+        "share_of_exact_gain": best["share_of_exact_gain"],
+        "estimated_qpu_seconds": best["estimated_qpu_seconds"]}
+
+
+def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    from qpa.estimate import format_seconds
+
+    headers = ["row", "held-out loss", "share of exact gain", "jobs", "circuits", "shots",
+               "est. QPU time on ibm_fez", "local wall time"]
+    runs = {run["row"]: run for run in results["runs"].values()}
+    out = [["base model", f"{results['summary']['base_eval_loss']:.4f}", "0", "-", "-", "-",
+            "-", "-"]]
+    for name in ROWS:
+        if name not in runs:
+            continue
+        run = runs[name]
+        seconds = run.get("estimated_qpu_seconds")
+        out.append([_label(name), f"{run['eval_loss']:.4f}",
+                    f"{run['share_of_exact_gain']:.1%}", f"{run['jobs']:,}",
+                    f"{run['circuits']:,}", f"{run['shots']:,}",
+                    "exact (no device)" if seconds is None else format_seconds(seconds),
+                    f"{run['wall_seconds'] / 60:.1f} min"])
+    return headers, out
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    headers, rows = table(results)
+    best = results.get("recommendation")
+    verdict = (f"**Cheapest setting keeping >= {KEEP:.0%} of exact QPA's gain: "
+               f"{best['shots']} shots, update_every {best['update_every']}** "
+               f"({best['share_of_exact_gain']:.1%} of the gain, about "
+               f"{best['estimated_qpu_seconds'] / 60:.0f} QPU minutes on ibm_fez): "
+               "`quantum.preset: qpu-economy`." if best else
+               f"No shot setting kept {KEEP:.0%} of exact QPA's gain.")
+    lines = [
+        f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
+        f" 1 thread per run, {len(results['runs'])} runs. QPA compact on SmolLM2-135M q/v, "
+        f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, lr "
+        f"{LEARNING_RATE:g}, seed 0; held-out loss of the exported adapter loaded by stock "
+        f"PEFT on {s['eval_batches'] * s['batch_size']} fixed chunks. QPU time: "
+        "`qpa.estimate` on FakeFez's published timing (circuits x shots x (ISA duration + "
+        "rep delay)), not a measurement.",
+        "", markdown_table(headers, rows), "", verdict,
+    ]
+    if results["mode"] == "quick":
+        lines += ["", "**Quick mode is a smoke test**: it says every kind of row runs, not "
+                  "how good it is."]
+    return "\n".join(lines)
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def settings_for(quick: bool) -> dict[str, Any]:
+    return {"steps": 4 if quick else 150, "batch_size": 4, "max_length": 32 if quick else 128,
+            "eval_batches": 2 if quick else 12,
+            # Noisy local simulation of 12 qubits costs ~60 ms per shot (docs/QPU.md).
+            "noisy_shots": 64 if quick else 1024}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from qpa.datasets import write_pydoc_dataset
+
+    s = settings_for(args.quick)
+    rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
+    previous = read_json(NAME) if not args.quick else None
+    same = previous and previous["settings"] == s
+    results = previous if same else {"mode": "quick" if args.quick else "full",
+                                     "settings": s, "runs": {}}
+    results["machine"] = machine_facts()
+    data_dir = Path(tempfile.mkdtemp(prefix="qpu-data-"))
+    train, evaluation = write_pydoc_dataset(data_dir)
+    data = {"train": str(train), "eval": str(evaluation)}
+    started = time.perf_counter()
+    try:
+        # Slowest first, so that two workers finish together.
+        order = sorted(rows, key=lambda name: (ROWS[name]["update_every"],
+                                               -(ROWS[name]["shots"] or 0)))
+        specs = [{"row": name, "config": job_config(name, s, data),
+                  "eval_batches": s["eval_batches"]} for name in order]
+        run_specs(specs, results, args.workers)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
+    return finish(results)
+
+
+def finish(results: dict[str, Any]) -> dict[str, Any]:
+    summarise(results)
+    write_json(_name(results), results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--rows", help="comma-separated subset of rows (default: all)")
+    parser.add_argument("--docs-only", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("qpa").setLevel(logging.WARNING)
+    if args.one:
+        Path(args.out).write_text(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    if args.docs_only:
+        results = read_json(NAME)
+        if results is None:
+            print("no bench/results/qpu.json yet", file=sys.stderr)
+            return 1
+        finish(results)
+    else:
+        results = run(args)
+    print_table(*table(results))
+    print(render_markdown(results).split("\n\n")[-1 if results["mode"] == "full" else -2])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

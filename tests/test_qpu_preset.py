@@ -1,0 +1,50 @@
+"""``quantum.preset: qpu-economy``: what it sets, what it refuses, and that it is the setting
+bench/bench_qpu.py recommends (once a full run is committed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qpa.config import QUANTUM_PRESETS, parse_config
+from qpa.errors import ConfigError
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "qpu.json"
+
+
+def test_preset_fills_shots_and_update_every_where_the_job_is_silent() -> None:
+    economy = QUANTUM_PRESETS["qpu-economy"]
+    config = parse_config({"train_file": "t.jsonl", "backend": "ibm-fake:FakeFez",
+                           "quantum": {"preset": "qpu-economy"}, "qpa": {"preset": "compact"}})
+    assert config.quantum.shots == economy["quantum"]["shots"]
+    assert config.qpa.update_every == economy["qpa"]["update_every"]
+    assert config.qpa.chunk_size == 64  # the qpa preset is untouched
+    own = parse_config({"train_file": "t.jsonl", "backend": "aer",
+                        "quantum": {"preset": "qpu-economy", "shots": 99},
+                        "qpa": {"update_every": 3}})
+    assert (own.quantum.shots, own.qpa.update_every) == (99, 3)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"quantum": {"preset": "qpu-economy"}}, "quantum.preset"),  # statevector: no shots
+    ({"backend": "aer", "quantum": {"preset": "cheap"}}, "quantum.preset"),
+    ({"backend": "aer", "quantum": {"preset": {}}}, "quantum.preset"),  # found by the fuzz test
+    ({"backend": "aer", "quantum": "qpu-economy"}, "quantum"),
+])
+def test_bad_presets_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config({"train_file": "t.jsonl", **body})
+    assert error.value.field == field
+
+
+def test_preset_is_what_the_committed_benchmark_recommends() -> None:
+    if not RESULTS.is_file():
+        pytest.skip("bench/results/qpu.json not committed yet (python -m bench.bench_qpu)")
+    results = json.loads(RESULTS.read_text())
+    recommended = results["recommendation"]
+    assert recommended is not None, "the full run found no setting within 95 % of exact"
+    assert QUANTUM_PRESETS["qpu-economy"] == {
+        "quantum": {"shots": recommended["shots"]},
+        "qpa": {"update_every": recommended["update_every"]}}
