@@ -37,9 +37,10 @@ class QuantumOptions(Section):
 
     preset: Literal["qpu-economy"] | None = Field(
         default=None,
-        description="qpu-economy: the shots and qpa.update_every that the QPU-settings "
-        "benchmark found cheapest while keeping >= 95 % of exact QPA's gain "
-        "(docs/BENCHMARKS.md); options the job sets win. Needs a shot-based backend.",
+        description="qpu-economy: shots and qpa.update_every for runs that pay for QPU time "
+        "(options the job sets win; needs a shot-based backend). Provisional: chosen before "
+        "the QPU-settings benchmark (docs/BENCHMARKS.md) has a full run; that run's cheapest "
+        "setting within 95 % of exact QPA's gain replaces it.",
     )
 
     shots: int | None = Field(
