@@ -45,7 +45,7 @@ from bench.common import (
     thread_env,
     write_json,
 )
-from qpa.backends import make_backend
+from qpa.backends.factory import make_backend
 from qpa.backends.statevector import StatevectorBackend
 from qpa.circuits import qpa_ansatz
 from qpa.config import QuantumOptions

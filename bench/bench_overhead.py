@@ -251,7 +251,7 @@ def generator_cycle(num_values: int, device: torch.device, repeats: int) -> dict
     backward = dL/d(values) -> MLP weights and dL/dp; push = dL/dp -> angles through the
     circuit. Same sizes as the ``qpa`` variant (generated values = LoRA r=4 on q/v).
     """
-    from qpa.backends import make_backend
+    from qpa.backends.factory import make_backend
     from qpa.config import QuantumOptions
     from qpa.generator import QPAGenerator
     from qpa.methods.qpa.options import QpaOptions

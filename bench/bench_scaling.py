@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from qpa.datasets import write_pydoc_dataset
     from qpa.distributed import LocalGroup
+    from qpa.training import Trainer
 
     cores = os.cpu_count() or 1
     facts = machine_facts()
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qpa-scaling-") as scratch:
         scratch_dir = Path(scratch)
         write_pydoc_dataset(scratch_dir / "data", max_train=200, max_eval=16)
-        group = LocalGroup(2, "cpu")  # its helper keeps cores // 2 threads
+        group = LocalGroup(2, "cpu", trainer=Trainer)  # its helper keeps cores // 2 threads
         group.start()
         try:
             for round_index in range(args.rounds):

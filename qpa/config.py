@@ -9,19 +9,16 @@ registry; this module names no method.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from qpa.backends.spec import parse_backend
 from qpa.errors import ConfigError
 from qpa.methods.registry import method_spec, methods
 from qpa.options import Section
-
-BACKEND_PATTERN = re.compile(r"^(statevector|aer|ibm:[A-Za-z0-9_\-]+|ibm-fake:[A-Za-z0-9_]+)$")
-
 
 #: Quantum operating points: options of more than one section, filled in where the job
 #: leaves them out. Chosen by bench/bench_qpu.py (docs/BENCHMARKS.md, "QPU settings"): the
@@ -186,21 +183,11 @@ class _JobKeys(Section):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if not BACKEND_PATTERN.match(value):
-            raise ValueError(
-                f"unknown backend {value!r}; use statevector, aer, ibm:<name> or "
-                "ibm-fake:<FakeBackend class>"
-            )
-        if value.startswith("ibm-fake:"):
-            from qpa.backends.ibm import fake_backend_names
-
-            name = value.split(":", 1)[1]
-            if name not in fake_backend_names():
-                raise ValueError(
-                    f"qiskit-ibm-runtime ships no fake backend {name!r} "
-                    "(e.g. FakeManilaV2, FakeBrisbane)"
-                )
-        return value
+        # Syntax only: whether the device exists is found when the job is prepared.
+        try:
+            return str(parse_backend(value))
+        except ConfigError as error:
+            raise ValueError(error.reason) from None
 
     @model_validator(mode="after")
     def _operating_point(self) -> _JobKeys:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from qpa.backends.base import QuantumBackend
     from qpa.config import JobConfig, QuantumOptions
     from qpa.methods.base import AdapterMethod
+    from qpa.training import Trainer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,7 +204,7 @@ class DataParallel:
         Single-process this is ``make_backend``; otherwise only rank 0 builds the real
         backend (opens the Runtime session, transpiles), so no other rank ever submits a job.
         """
-        from qpa.backends import make_backend
+        from qpa.backends.factory import make_backend
 
         if not self.active:
             return make_backend(spec, circuit, options, device=device)
@@ -318,8 +319,10 @@ class LocalGroup:
     rank 0 opens on a port the OS picks (port 0), so parallel groups never collide.
     """
 
-    def __init__(self, nproc: int, device: str = "auto"):
+    def __init__(self, nproc: int, device: str = "auto", *, trainer: type[Trainer]):
         check_nproc(nproc)
+        # The trainer is passed in, not imported: qpa.training imports this module.
+        self.trainer = trainer
         self.nproc = nproc
         self.kind = resolve_device_kind(device, nproc)
         self.helpers: list[subprocess.Popen] = []
@@ -356,7 +359,7 @@ class LocalGroup:
         try:
             for rank in range(1, self.nproc):
                 self.helpers.append(subprocess.Popen(
-                    [sys.executable, "-m", "qpa.distributed"],
+                    [sys.executable, "-m", "qpa.helper_rank"],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 ))
             self._wait_for_helpers()
@@ -393,16 +396,14 @@ class LocalGroup:
                  should_stop: Callable[[], bool] | None = None,
                  resume: bool = True) -> dict[str, Any]:
         """Run one job across the group (this process is rank 0); returns its metrics."""
-        from qpa.training import Trainer
-
         if self.data_parallel is None or self._broken:
             raise RuntimeError("the process group is not running")
         check_world(config, self.nproc)
         job = {"config": config.model_dump(mode="json"), "output_dir": str(output_dir),
                "resume": resume}
         dist.broadcast_object_list([job], src=0, device=self.data_parallel.comm_device)
-        trainer = Trainer(config, output_dir, on_event=on_event, should_stop=should_stop,
-                          data_parallel=self.data_parallel)
+        trainer = self.trainer(config, output_dir, on_event=on_event, should_stop=should_stop,
+                               data_parallel=self.data_parallel)
         try:
             return trainer.run(resume)
         except IN_STEP_ERRORS:
@@ -449,19 +450,19 @@ def _stop_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def launch(config: JobConfig, output_dir: str | Path, nproc: int, *,
+def launch(config: JobConfig, output_dir: str | Path, nproc: int, *, trainer: type[Trainer],
            on_event: Callable[[dict[str, Any]], None] | None = None,
            should_stop: Callable[[], bool] | None = None,
            resume: bool = True) -> dict[str, Any]:
     """Run one job with ``nproc`` processes on this machine; this process is rank 0."""
     check_nproc(nproc)
     check_world(config, nproc)  # before any process starts
-    with LocalGroup(nproc, config.train.device) as group:
+    with LocalGroup(nproc, config.train.device, trainer=trainer) as group:
         return group.finetune(config, output_dir, on_event=on_event, should_stop=should_stop,
                               resume=resume)
 
 
-# -- helper ranks (python -m qpa.distributed) -------------------------------------------
+# -- helper ranks (python -m qpa.helper_rank) -------------------------------------------
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -484,10 +485,9 @@ def _quiet_helper() -> None:
     hf_logging.disable_progress_bar()
 
 
-def helper_main() -> int:
+def helper_main(trainer_class: type[Trainer]) -> int:
     """Rank r > 0 of a ``LocalGroup``: join, then train every job rank 0 sends."""
     from qpa.config import parse_config
-    from qpa.training import Trainer
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threading.Thread(target=_exit_with_parent, args=(int(os.environ["QPA_DP_PARENT"]),),
@@ -512,20 +512,11 @@ def helper_main() -> int:
             job = box[0]
             if job is None:
                 return 0
-            trainer = Trainer(parse_config(job["config"]), job["output_dir"],
-                              data_parallel=data_parallel)
+            trainer = trainer_class(parse_config(job["config"]), job["output_dir"],
+                                    data_parallel=data_parallel)
             try:
                 trainer.run(job["resume"])
             except IN_STEP_ERRORS:
                 continue  # rank 0 raised the same and reports it; wait for its next job
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    code = helper_main()
-    # Nothing to tear down that matters, and interpreter shutdown (torch, qiskit) takes
-    # seconds rank 0 would wait for: flush and leave.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

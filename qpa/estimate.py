@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpa.backends import backend_qubit_limit, is_autograd_native, make_backend
 from qpa.backends.base import QuantumBackend, shots_per_circuit
+from qpa.backends.factory import backend_qubit_limit, is_autograd_native, make_backend
+from qpa.backends.spec import parse_backend
 from qpa.circuits import build_ansatz
 from qpa.config import JobConfig
 from qpa.errors import ConfigError
@@ -240,12 +241,13 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
     from qpa.methods.qpa.method import resolve_sub_generators
 
     options, spec = config.qpa, config.backend
+    kind = parse_backend(spec).kind.name
     sub_generators = resolve_sub_generators(config, num_values)
     _, num_qubits = plan_qubits(num_values, options.chunk_size, sub_generators,
                                 options.ansatz)
     advice: list[str] = []
     # A real IBM backend's width needs the service: it is checked when it is built below.
-    device_qubits = None if spec.startswith("ibm:") else backend_qubit_limit(spec)
+    device_qubits = None if kind == "ibm" else backend_qubit_limit(spec)
     logical = build_ansatz(options.ansatz, num_qubits, options.depth)
     fits = True
     for width, what in ((device_qubits, f"{spec}'s"),
@@ -258,11 +260,11 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
             advice.append(f"{num_qubits} qubits on {what} {width}: {hint}")
     owned = backend is None
     # The torch statevector runs no Qiskit circuit: nothing to transpile or time.
-    if fits and owned and spec != "statevector":
+    if fits and owned and kind != "statevector":
         try:
             backend = make_backend(spec, logical, config.quantum)
         except ConfigError as error:
-            if not spec.startswith("ibm:"):
+            if kind != "ibm":
                 raise
             advice.append(f"{error.reason}: depth after transpilation and QPU seconds "
                           "unknown")
@@ -304,24 +306,24 @@ def estimate_job(config: JobConfig, num_values: int | None = None,
 
 def _advise(config: JobConfig, estimate: QuantumEstimate) -> None:
     """Warnings a user needs before sending the job to a device."""
-    quantum, spec = config.quantum, config.backend
+    quantum, kind = config.quantum, parse_backend(config.backend).kind
     if estimate.over_budget:
         estimate.warnings.append(
             f"estimated {estimate.qpu_seconds:.0f} QPU seconds exceed quantum.max_seconds = "
             f"{quantum.max_seconds:g}; the job would be refused")
-    if spec.startswith("ibm:") and quantum.execution_mode == "session":
+    if kind.name == "ibm" and quantum.execution_mode == "session":
         estimate.warnings.append(
             "session mode bills the session's wall-clock time, classical training between "
             "jobs included; quantum.execution_mode: batch bills only the jobs' QPU time")
-    if spec.startswith(("ibm:", "ibm-fake:")) and quantum.twirling:
+    if kind.device and quantum.twirling:
         estimate.warnings.append("twirling rounds shots up to randomizations x shots per "
                                  "randomization; the shots counted here are a lower bound")
-    if spec.startswith("ibm-fake:") and estimate.shots:
+    if kind.name == "ibm-fake" and estimate.shots:
         estimate.warnings.append(
             f"local testing mode simulates {estimate.shots:,} noisy shots on this machine; "
             "see docs/QPU.md for what runs locally in reasonable time")
     if estimate.jobs and config.qpa.update_every == 1 and config.steps >= 16 \
-            and spec.startswith("ibm:"):
+            and kind.name == "ibm":
         estimate.warnings.append(
             f"{estimate.jobs} primitive jobs, one per step: qpa.update_every > 1 amortises "
             "each circuit evaluation over several steps")
@@ -330,7 +332,7 @@ def _advise(config: JobConfig, estimate: QuantumEstimate) -> None:
 def has_device_timing(config: JobConfig) -> bool:
     """Whether the estimate can give QPU seconds for ``config`` (IBM devices, real or fake);
     callers skip the estimate's cost (a model's shapes, a transpilation) otherwise."""
-    return config.uses_quantum and config.backend.startswith(("ibm:", "ibm-fake:"))
+    return config.uses_quantum and parse_backend(config.backend).kind.device
 
 
 def check_budget(estimate: QuantumEstimate, limit_note: str = "") -> None:

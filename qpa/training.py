@@ -26,6 +26,7 @@ import torch
 
 import qpa
 from qpa.backends.base import QuantumUsage
+from qpa.backends.factory import check_backend
 from qpa.config import JobConfig
 from qpa.data import (
     StepBatches,
@@ -140,6 +141,8 @@ class Trainer:
     def _prepare(self) -> None:
         config, data_parallel = self.config, self.data_parallel
         check_world(config, data_parallel.world_size)
+        if config.uses_quantum:
+            check_backend(config.backend)  # the device exists and the account may use it
         train_records = read_jsonl(config.train_file, "train_file")
         if config.eval_file:
             eval_records = read_jsonl(config.eval_file, "eval_file")
@@ -476,6 +479,6 @@ def finetune(config: JobConfig, output_dir: str | Path, *,
     """
     check_nproc(nproc)
     if nproc > 1:
-        return launch(config, output_dir, nproc, on_event=on_event, should_stop=should_stop,
-                      resume=resume)
+        return launch(config, output_dir, nproc, trainer=Trainer, on_event=on_event,
+                      should_stop=should_stop, resume=resume)
     return Trainer(config, output_dir, on_event=on_event, should_stop=should_stop).run(resume)

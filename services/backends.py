@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from qpa.backends.spec import parse_backend
 from services.settings import Settings
 
 
@@ -81,9 +82,14 @@ def unusable_reason(spec: str, settings: Settings) -> str | None:
     if not settings.backend_allowed(spec):
         return (f"backend {spec!r} is not allowed on this server (allowed: "
                 f"{', '.join(settings.allowed_backends)})")
-    if spec == "aer" and importlib.util.find_spec("qiskit_aer") is None:
+    parsed = parse_backend(spec)
+    kind = parsed.kind.name
+    if kind == "aer" and importlib.util.find_spec("qiskit_aer") is None:
         return "backend 'aer' is unavailable: qiskit-aer is not installed"
-    if spec.startswith("ibm:"):
+    if kind == "ibm-fake" and parsed.name not in _fake_backend_names():
+        # Only an ibm-fake job makes the API load qiskit-ibm-runtime (to list its fakes).
+        return f"qiskit-ibm-runtime ships no fake backend {parsed.name!r}"
+    if kind == "ibm":
         available, reason = ibm_status(spec)
         if not available:
             return f"backend {spec!r} is unavailable: {reason}"

@@ -28,10 +28,16 @@ def test_unknown_backend_is_rejected_by_the_schema(data_files):
     assert "unknown backend" in caught.value.reason
 
 
-def test_unknown_fake_backend(data_files):
+def test_unknown_fake_backend_is_refused_when_the_job_is_prepared(data_files, tmp_path):
+    # The config's syntax is checked without qiskit; whether the device exists is checked
+    # once the job is prepared, before the base model or the data are loaded.
+    config = parse_config({"train_file": str(data_files[0]), "backend": "ibm-fake:FakeNowhere"})
     with pytest.raises(ConfigError) as caught:
-        parse_config({"train_file": str(data_files[0]), "backend": "ibm-fake:FakeNowhere"})
+        finetune(config, tmp_path / "run")
     assert caught.value.field == "backend" and "FakeNowhere" in caught.value.reason
+    with pytest.raises(ConfigError) as caught:  # the fake's name has the wrong shape
+        parse_config({"train_file": str(data_files[0]), "backend": "ibm-fake:Manila"})
+    assert caught.value.field == "backend"
 
 
 @pytest.mark.parametrize(

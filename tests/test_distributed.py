@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from qpa.distributed import LocalGroup
 from qpa.errors import ConfigError, JobCancelled
-from qpa.training import finetune
+from qpa.training import Trainer, finetune
 
 LOSS_TOL = 1e-5
 EVAL_TOL = 1e-6
@@ -37,7 +37,7 @@ ADAPTER_TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def two_processes():
-    with LocalGroup(2, "cpu") as group:
+    with LocalGroup(2, "cpu", trainer=Trainer) as group:
         yield group
 
 
@@ -161,14 +161,14 @@ def test_indivisible_batch_fails_before_any_process_starts(tiny_llama_dir, data_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_names_the_device_field():
     with pytest.raises(ConfigError) as error:
-        LocalGroup(2, "cuda")
+        LocalGroup(2, "cuda", trainer=Trainer)
     assert error.value.field == "train.device"
 
 
 def test_only_rank_zero_builds_a_quantum_backend(monkeypatch):
     """Ranks other than 0 never construct the real backend (no Runtime session, no
     simulator), so they cannot submit a primitive job; they only receive rank 0's results."""
-    import qpa.backends
+    import qpa.backends.factory
     from qpa.backends.shared import SharedBackend
     from qpa.circuits import build_ansatz
     from qpa.config import QuantumOptions
@@ -177,7 +177,7 @@ def test_only_rank_zero_builds_a_quantum_backend(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a rank other than 0 built a backend")
 
-    monkeypatch.setattr(qpa.backends, "make_backend", refuse)
+    monkeypatch.setattr(qpa.backends.factory, "make_backend", refuse)
     circuit = build_ansatz("ry_cnot", 3, 2)
     for spec in ("aer", "ibm-fake:FakeManilaV2", "statevector"):
         backend = DataParallel(rank=1, world_size=2).quantum_backend(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from qiskit.circuit import QuantumCircuit
 
+from qpa.backends.spec import parse_backend
 from qpa.config import QuantumOptions
 
 #: Shots per circuit on Runtime backends when ``quantum.shots`` is unset (no exact mode there).
@@ -29,9 +30,10 @@ def shots_per_circuit(spec: str, options: QuantumOptions) -> int:
     The one place this is decided: the backends record usage with it and the pre-run
     estimate counts with it, also when the backend cannot be built (too narrow a device).
     """
-    if spec.startswith(("ibm:", "ibm-fake:")):
+    kind = parse_backend(spec).kind
+    if kind.device:
         return options.shots or DEFAULT_SHOTS
-    if spec == "aer":
+    if kind.name == "aer":
         return options.shots or 0
     return 0  # the torch statevector is exact
 

@@ -26,6 +26,7 @@ from qiskit.circuit import QuantumCircuit
 
 from qpa.backends.aer import bit_array_probabilities, parameter_columns
 from qpa.backends.base import QuantumBackend, shots_per_circuit
+from qpa.backends.spec import parse_backend
 from qpa.config import QuantumOptions
 from qpa.errors import ConfigError
 
@@ -58,10 +59,10 @@ def fake_backend_names() -> frozenset[str]:
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``ibm:<name>`` / ``ibm-fake:<FakeX>`` into (kind, name)."""
-    kind, _, name = spec.partition(":")
-    if kind not in ("ibm", "ibm-fake") or not name:
+    parsed = parse_backend(spec)
+    if not parsed.kind.device:
         raise ConfigError("backend", f"{spec!r} is not ibm:<backend name> or ibm-fake:<FakeX>")
-    return kind, name
+    return parsed.kind.name, parsed.name
 
 
 def fake_backend(name: str) -> BackendV2:
@@ -121,14 +122,22 @@ def _credentials() -> dict[str, Any] | None:
 
 
 def runtime_service() -> QiskitRuntimeService:
-    """An authenticated QiskitRuntimeService; ConfigError when that is impossible."""
+    """An authenticated QiskitRuntimeService; ConfigError when that is impossible.
+
+    One per process and account: preparing a job (width check), running it and the API's
+    status check would otherwise each authenticate with IBM Cloud again."""
     kwargs = _credentials()
     if kwargs is None:
         raise ConfigError("backend", _NO_CREDENTIALS)
+    return _service(tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _service(account: tuple[tuple[str, Any], ...]) -> QiskitRuntimeService:
     from qiskit_ibm_runtime import QiskitRuntimeService
 
     try:
-        return QiskitRuntimeService(**kwargs)
+        return QiskitRuntimeService(**dict(account))
     except Exception as err:
         # Authentication talks to IBM Cloud: a bad token, an unknown instance and an
         # unreachable network all surface here, each with a different exception class,
@@ -155,6 +164,7 @@ def ibm_backend(service: QiskitRuntimeService, name: str) -> BackendV2:
         ) from err
 
 
+@functools.cache  # a device's width does not change; failures are not cached
 def target_backend_qubits(spec: str) -> int:
     """Number of qubits of the backend named by ``spec``.
 

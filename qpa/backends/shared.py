@@ -39,7 +39,7 @@ class SharedBackend(QuantumBackend):
     def __init__(self, circuit: QuantumCircuit, spec: str, inner: QuantumBackend | None,
                  data_parallel: DataParallel):
         super().__init__(circuit)
-        from qpa.backends import is_autograd_native
+        from qpa.backends.factory import is_autograd_native
 
         self.spec = spec
         self.inner = inner

@@ -21,8 +21,8 @@ from qiskit.circuit import QuantumCircuit
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qpa.backends import backend_qubit_limit, check_width
 from qpa.backends.base import QuantumBackend, QuantumUsage
+from qpa.backends.factory import backend_qubit_limit, check_width
 from qpa.errors import ConfigError
 from qpa.generator import QPAGenerator, fit_sub_generators
 from qpa.methods.base import AdapterMethod
