@@ -32,10 +32,8 @@ from torch import nn
 
 from qpa.backends.base import (
     QuantumBackend,
-    jacobian_from_shifts,
     shift_rule_for,
     shifted_binding_count,
-    shifted_bindings,
 )
 from qpa.circuits import basis_bits, build_ansatz, support_size
 from qpa.errors import QuantumBudgetExceeded
@@ -176,6 +174,21 @@ class QPAGenerator(nn.Module):
         self.max_seconds = max_seconds
 
     @property
+    def is_current(self) -> bool:
+        """True when p was evaluated at the present angles (no job needed to use it)."""
+        return self._fresh
+
+    def mark_stale(self) -> None:
+        """The angles were changed from outside (a restored checkpoint): re-evaluate p
+        before it is used."""
+        self._fresh = False
+
+    @property
+    def held_distribution(self) -> torch.Tensor | None:
+        """p as the MLP reads it over the current window; dL/dp accumulates on it."""
+        return self._p_leaf
+
+    @property
     def has_window(self) -> bool:
         """True when p is current for theta and can carry gradient back to the angles."""
         return self._fresh and (self._p_graph is not None or self._jacobian is not None
@@ -241,13 +254,8 @@ class QPAGenerator(nn.Module):
         else:
             thetas = self.theta.detach().cpu().numpy()
             if with_gradient:
-                rule = shift_rule_for(self.circuit)
-                bindings = np.concatenate([shifted_bindings(t, rule) for t in thetas])
-                assert len(bindings) == self.job_circuits(with_gradient)
-                values = self.backend.evaluate(bindings)
-                values = values.reshape(len(thetas), -1, 2**self.num_qubits)
-                probs = torch.as_tensor(values[:, 0], dtype=torch.float64)
-                jacobians = np.stack([jacobian_from_shifts(v, rule) for v in values])
+                values, jacobians = self.backend.probabilities_and_jacobian(thetas)
+                probs = torch.as_tensor(values, dtype=torch.float64)
                 self._jacobian = torch.as_tensor(jacobians, dtype=torch.float64)
             else:
                 probs = torch.as_tensor(self.backend.evaluate(thetas), dtype=torch.float64)

@@ -202,13 +202,13 @@ class Trainer:
     def _plan_quantum_work(self) -> None:
         """Estimate the run's quantum jobs before the first one (``qpa.estimate``), tell
         the user, and refuse a run whose QPU-seconds estimate exceeds quantum.max_seconds."""
-        generator = getattr(self.method, "generator", None)
-        backend = getattr(self.method, "backend", None)
-        if not self.data_parallel.is_main or generator is None or backend is None:
+        backend = self.method.backend
+        if not self.data_parallel.is_main or backend is None:
             return
         from qpa.estimate import check_budget, estimate_job
 
-        estimate = estimate_job(self.config, num_values=generator.num_values, backend=backend)
+        estimate = estimate_job(self.config, num_values=self.method.generated_values,
+                                backend=backend)
         check_budget(estimate)
         self.planned_jobs = estimate.jobs
         self.emit("quantum_plan", **estimate.as_dict())
@@ -277,9 +277,8 @@ class Trainer:
         self.method.load_extra_state(payload["method_extra"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        backend = getattr(self.method, "backend", None)
-        if backend is not None and payload.get("quantum_usage"):
-            backend.usage.load(payload["quantum_usage"])
+        if self.method.backend is not None and payload.get("quantum_usage"):
+            self.method.backend.usage.load(payload["quantum_usage"])
         self.eval_loss_before = payload["eval_loss_before"]
         self.losses = list(payload.get("losses", []))
         self.train_seconds = payload.get("train_seconds", 0.0)

@@ -194,10 +194,20 @@ class QuantumBackend(ABC):
         return torch.as_tensor(values[0], dtype=theta.dtype, device=theta.device)
 
     def probabilities_and_jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """p(theta) and dp/dtheta from one call carrying every shifted binding."""
+        """p(theta) and dp/dtheta from one call carrying every shifted binding.
+
+        ``theta`` is one angle vector (P,) or one per circuit row (G, P), e.g. the
+        generator's sub-generators and features, all in the same job; the results are
+        (S,) and (S, P), or (G, S) and (G, S, P). The one parameter-shift path: the
+        generator trains with it, and so does ``probabilities`` under autograd.
+        """
+        rows = np.atleast_2d(theta)
         rule = shift_rule_for(self.circuit)
-        values = self.evaluate(shifted_bindings(theta, rule))
-        return values[0], jacobian_from_shifts(values, rule)
+        values = self.evaluate(np.concatenate([shifted_bindings(row, rule) for row in rows]))
+        values = values.reshape(len(rows), -1, values.shape[-1])
+        probs = values[:, 0]
+        jacobians = np.stack([jacobian_from_shifts(row, rule) for row in values])
+        return (probs, jacobians) if theta.ndim == 2 else (probs[0], jacobians[0])
 
     def close(self) -> None:
         """Release sessions or devices. Safe to call more than once."""

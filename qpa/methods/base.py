@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from qpa.backends.base import JobListener
+from qpa.backends.base import JobListener, QuantumBackend
 from qpa.config import JobConfig
 from qpa.distributed import SINGLE_PROCESS, DataParallel
 from qpa.errors import ConfigError
@@ -30,6 +30,11 @@ class AdapterMethod(ABC):
     #: Set by the trainer before ``attach``: receives each primitive job's announcements
     #: (``QuantumBackend._job_submitted`` / ``_job_done``) for the job's event stream.
     on_quantum_job: JobListener | None = None
+    #: Set by ``attach`` of a method that runs circuits: the backend its primitive jobs go
+    #: to (the trainer plans the run's jobs against it and restores its usage on resume),
+    #: and how many values its circuits generate. None / 0 for classical methods.
+    backend: QuantumBackend | None = None
+    generated_values: int = 0
 
     def __init__(self, config: JobConfig, target_modules: list[str]):
         self.config = config

@@ -150,6 +150,7 @@ class QPAMethod(AdapterMethod):
             seed=self.config.train.seed,
         )
         self.generator.to(device)
+        self.generated_values = self.generator.num_values
         self.backend = None
         self._pending_grad = None
         if runs_circuit(options.ablation):
@@ -180,7 +181,7 @@ class QPAMethod(AdapterMethod):
         return groups
 
     def gradient_leaves(self) -> list[torch.Tensor]:
-        held = self.generator._p_leaf  # p held over the window; dL/dp accumulates on it
+        held = self.generator.held_distribution
         return [held] if held is not None and held.requires_grad else []
 
     # -- training-loop hooks ------------------------------------------------------------
@@ -202,7 +203,7 @@ class QPAMethod(AdapterMethod):
             self.generator.push_angle_gradient()
 
     def before_eval(self) -> None:
-        if not self.generator._fresh:
+        if not self.generator.is_current:
             self.generator.refresh(with_gradient=False)
         with torch.no_grad():
             self._set_current(self.generator().detach())
@@ -220,7 +221,7 @@ class QPAMethod(AdapterMethod):
             for name, layer in self.weights:
                 layer.parametrizations.weight.original.copy_(self.initial_weights[name])
         self._pending_grad = state.get("accumulated_grad_p")
-        self.generator._fresh = False
+        self.generator.mark_stale()
 
     # -- results ----------------------------------------------------------------------
     def export_adapter(self, directory: Path) -> dict[str, Any]:
