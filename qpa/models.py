@@ -192,12 +192,16 @@ def resolve_target_modules(model: PreTrainedModel, requested: list[str] | None) 
     return targets
 
 
+def matches_target(name: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list of target names: the module's full name equals one, or ends
+    with ``"." + target``, so what a job adapts is what its exported adapter selects."""
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
 def matched_modules(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """The Linear/Conv1D layers a target list selects, in model order."""
-    return {
-        name: module for name, module in adaptable_modules(model).items()
-        if name.rsplit(".", 1)[-1] in targets or name in targets
-    }
+    return {name: module for name, module in adaptable_modules(model).items()
+            if matches_target(name, targets)}
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:

@@ -1,8 +1,7 @@
 """Injection of compound adapters into a model, and the ``compound`` method the trainer uses.
 
-Target modules are matched with PEFT's rule for a list of names (a module matches a target
-when its full name equals it or ends with ``"." + target``), so the exported adapter's
-``target_modules`` select exactly the modules trained here.
+Target modules are matched with PEFT's rule (``qpa.models.matches_target``), so the
+exported adapter's ``target_modules`` select exactly the modules trained here.
 """
 
 from __future__ import annotations
@@ -20,11 +19,7 @@ from qpa.methods.base import AdapterMethod
 from qpa.methods.compound.layer import SUPPORTED_LAYERS, CompoundLinear, layer_widths
 from qpa.methods.compound.minors import plan_layout
 from qpa.methods.compound.options import CompoundOptions
-
-
-def matches_target(name: str, targets: list[str]) -> bool:
-    """PEFT's list matching: exact name or a ``.``-separated suffix."""
-    return any(name == target or name.endswith("." + target) for target in targets)
+from qpa.models import matches_target
 
 
 def inject_compound_adapters(model: nn.Module, target_modules: list[str],
