@@ -134,7 +134,9 @@ class BodyLimit:
         self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            # Nothing reads a GET's body (a request that sends one anyway is answered
+            # without it being read).
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
