@@ -438,7 +438,8 @@ PUBLIC_JOB_COLUMNS = (
     "id", "status", "resource_class", "method", "backend", "base_model", "created_at",
     "started_at", "finished_at", "updated_at", "step", "total_steps", "loss", "lr",
     "eval_loss", "checkpoint_step", "quantum_jobs", "quantum_circuits", "quantum_shots",
-    "quantum_seconds", "metrics", "error", "cancel_requested", "attempts", "config",
+    "quantum_seconds", "metrics", "error", "cancel_requested", "attempts", "world_size",
+    "config",
 )
 _READ_JOB_AS = (
     select(ApiKey.id.label("key_id"), ApiKey.revoked_at.label("key_revoked_at"),

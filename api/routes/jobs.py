@@ -62,7 +62,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     # a WAL read never waits for a writer; a database server is read from the threadpool.
     token = bearer_token(request)
     db: store.Store = request.app.state.store
-    if True:
+    if db.in_process:
         row = _read_job_as(db, token, job_id)
     else:
         row = await anyio.to_thread.run_sync(_read_job_as, db, token, job_id)
