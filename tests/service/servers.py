@@ -64,8 +64,9 @@ def rclone_binary() -> str | None:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary folder; ``database(name)`` makes databases."""
 
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, extra_options: str = ""):
         self.bin_dir = bin_dir
+        self.extra_options = extra_options
         # Not under pytest's tmp (mode 0700, owned by root): the postgres user must enter it.
         self.root = Path(tempfile.mkdtemp(prefix="qpa-test-pg-"))
         self.data = self.root / "data"
@@ -88,7 +89,7 @@ class PostgresServer:
         # Throw-away data: no fsync; the socket in our folder, TCP on loopback only.
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=300")
+                   f"-c max_connections=300 {self.extra_options}")
         result = self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-o", options,
                            "-l", str(self.root / "server.log"), "-t", str(int(START_GUARD)),
                            "-w", "start")
@@ -99,15 +100,20 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://qpa@127.0.0.1:{self.port}/{database}"
 
-    def database(self, name: str) -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def execute(self, statement: str, database: str = "postgres") -> list[tuple]:
+        """Run one statement as the superuser ``qpa``; its rows (if any)."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=qpa dbname=postgres",
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=qpa dbname={database}",
                              autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
+            cursor = connection.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+
+    def database(self, name: str, owner: str = "qpa") -> str:
+        """A new empty database owned by ``owner``; returns its SQLAlchemy URL (as owner)."""
+        self.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
         self.created.append(name)
-        return self.url(name)
+        return self.url(name).replace("//qpa@", f"//{owner}@")
 
     def stop(self) -> None:
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
