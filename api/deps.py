@@ -9,7 +9,7 @@ in the event loop (no I/O) and committed in one trip when the route is done.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
@@ -42,9 +42,18 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     try:
         yield session
     except BaseException:
-        await anyio.to_thread.run_sync(_rollback, session)
+        await _end(session, _rollback)
         raise
-    await anyio.to_thread.run_sync(_commit, session)
+    await _end(session, _commit)
+
+
+async def _end(session: Session, end: Callable[[Session], None]) -> None:
+    # Sync routes and get_current_key end their transactions in their own thread
+    # (api.errors.ServiceRoute); only a session still in one needs the trip.
+    if session.in_transaction():
+        await anyio.to_thread.run_sync(end, session)
+    else:
+        session.close()
 
 
 def _commit(session: Session) -> None:
@@ -131,6 +140,9 @@ def get_current_key(session: SessionDep, token: BearerToken) -> store.ApiKey:
     """The caller's key; 401 when it is missing, unknown, revoked or expired (checked on
     every call, so revoking a key takes effect at once)."""
     key = store.find_api_key(session, token)
+    # End the transaction here, in this thread: its connection goes back to the pool
+    # before the route's own trip to the threadpool (see api.errors.ServiceRoute).
+    session.commit()
     refuse_key(key and key.id, key and key.problem(store.utcnow()))
     return key
 

@@ -122,15 +122,18 @@ class EventHub:
 
     # -- SQL reads (in the threadpool) --------------------------------------------------
 
+    # Autocommit reads (Store.reader): on PostgreSQL one round trip per SELECT, without
+    # the BEGIN and ROLLBACK around it (measured: 3 statements per event before, 1 after).
+
     def last_event_id(self, job_id: str) -> int:
-        with self.db.engine.connect() as connection:
+        with self.db.reader() as connection:
             return store.last_event_id(connection, job_id)
 
     def read(self, job_id: str, after: int, with_status: bool = True) -> Batch:
         """Events after ``after`` (up to READ_LIMIT), and the job's status when asked.
         The status is read first: a final status comes with its final event. Without
         it, a final ``status`` event among those read stands for it."""
-        with self.db.engine.connect() as connection:
+        with self.db.reader() as connection:
             status = store.job_status(connection, job_id) if with_status else None
             rows = store.events_after(connection, job_id, after, READ_LIMIT)
         for row in rows:

@@ -51,7 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         apply_ibm_settings(settings)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         app.state.publisher = EventPublisher(settings.resolved_broker_url)
-        app.state.store = Store(settings.resolved_database_url, pool_size=settings.api_threads,
+        # One connection per thread, plus one for the status read SQLite answers in the
+        # event loop (api.routes.jobs.get_job). Every trip to the threadpool returns its
+        # connection before it ends (api.errors.ServiceRoute), so none waits for one.
+        app.state.store = Store(settings.resolved_database_url,
+                                pool_size=settings.api_threads + 1,
                                 notify=app.state.publisher)
         app.state.artifacts = open_artifacts(settings.resolved_artifact_url)
         await anyio.to_thread.run_sync(app.state.artifacts.check)  # a bad bucket stops here

@@ -15,6 +15,7 @@ stale, as it would across machines.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -36,6 +37,7 @@ from .helpers import HANG_GUARD, ServiceStack, job_config, wait_for, wait_for_st
 from .servers import PostgresServer, S3Server
 
 PREFIX = "deploy"
+API_THREADS = 4
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,12 @@ def hosts(redis_server: str, postgres_server: PostgresServer, s3_server: S3Serve
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
     """The API on PostgreSQL and S3; the tests add workers, each on its own 'host'."""
     bucket = s3_server.bucket("qpa-scaleout")
+    # A small threadpool (and database pool, the same size) so that a few concurrent
+    # requests already exceed it (test_more_streams_than_threads).
     service = ServiceStack(tmp_path_factory.mktemp("scaleout"), redis_server, 4,
                            database_url=postgres_server.database("scaleout"),
-                           QPA_ARTIFACT_URL=f"{bucket}/{PREFIX}", **s3_server.env)
+                           QPA_ARTIFACT_URL=f"{bucket}/{PREFIX}", QPA_API_THREADS=str(API_THREADS),
+                           **s3_server.env)
     try:
         service.start_api()
         yield service
@@ -219,3 +224,37 @@ def test_resource_class_picks_the_queue_and_workers_show_capacity(
         wait_for(lambda: "gpu-host" not in {row["host"] for row in
                                             http.get("/v1/workers").json()["data"]},
                  HANG_GUARD, "the stopped gpu worker to leave /v1/workers")
+
+
+def test_more_streams_than_threads_all_finish(hosts: ServiceStack, tiny_llama_dir: Path,
+                                              data_files: tuple[Path, Path]) -> None:
+    """Ten times as many event streams at once as the API has threads and pooled
+    connections: each replays the job's record and ends (a session that kept its
+    connection across trips to the threadpool deadlocked here)."""
+    key = hosts.new_key("streams")
+    with hosts.client(key) as client:
+        train = client.upload_file(data_files[0])["id"]
+        # gpu class with no gpu worker up: it stays queued, so the cancel ends it at once.
+        job = client.create_job(job_config(tiny_llama_dir, train, resource_class="gpu"))
+        assert client.cancel_job(job["id"])["status"] == "cancelled"
+        record = [event["id"] for event in client.events(job["id"])["data"]]
+    streams = 10 * API_THREADS
+
+    async def read_all() -> list[list[str]]:
+        # All opened at once, as a burst of dashboard tabs would.
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=hosts.url, headers=headers,
+                                     timeout=httpx.Timeout(30, read=None),
+                                     limits=httpx.Limits(max_connections=streams)) as http:
+            async def one() -> list[str]:
+                response = await http.get(f"/v1/jobs/{job['id']}/events",
+                                          params={"stream": "true"})
+                assert response.status_code == 200, response.text
+                return [line for line in response.text.splitlines()
+                        if line.startswith(("id: ", "event: end"))]
+
+            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(streams))),
+                                          HANG_GUARD)
+
+    expected = [f"id: {event_id}" for event_id in record] + ["event: end"]
+    assert asyncio.run(read_all()) == [expected] * streams
