@@ -209,6 +209,16 @@ class Store:
                  notify: Callable[[set[str]], None] | None = None):
         self.url = database_url
         self.engine = _make_engine(database_url, pool_size)
+        # Reads outside a transaction get connections of their own, in autocommit from the
+        # start and with nothing to reset on return: switching a pooled connection to
+        # autocommit and back on every checkout cost more than the read (CPU per status
+        # read, measured in-process: SQLite 164 -> 61 us, PostgreSQL 243-280 -> 221-262
+        # us). Opened on first use, like every pooled connection.
+        self.reader_engine = (self.engine if ":memory:" in database_url else
+                              _make_engine(database_url, pool_size,
+                                           isolation_level="AUTOCOMMIT",
+                                           # no transaction to roll back on return
+                                           pool_reset_on_return=None))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.notify = notify
         event.listen(self._sessions, "after_commit", self._after_commit)
@@ -228,8 +238,12 @@ class Store:
     def reader(self) -> Iterator[Connection]:
         """A connection for reads outside a transaction (autocommit: on PostgreSQL no
         BEGIN/ROLLBACK round trips around a single SELECT)."""
-        with self.engine.connect() as connection:
-            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        if self.reader_engine is self.engine:
+            with self.engine.connect() as connection:
+                yield connection.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        with self.reader_engine.connect() as connection:
+            yield connection
 
     @property
     def in_process(self) -> bool:
@@ -249,17 +263,19 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.reader_engine.dispose()
 
 
 def _forget_events(session: Session) -> None:
     session.info.pop(_EVENT_JOBS, None)
 
 
-def _make_engine(url: str, pool_size: int | None) -> Engine:
+def _make_engine(url: str, pool_size: int | None, **options: Any) -> Engine:
     # A fixed pool of pool_size (no overflow) when the caller sizes it; else SQLAlchemy's
     # default (5 + 10 overflow), plenty for a worker.
     pool = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 0,
                                          "pool_use_lifo": True}
+    pool.update(options)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
