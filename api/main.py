@@ -33,7 +33,9 @@ from api.events import EventHub
 from api.metrics import StoreCollector
 from api.routes import backends, files, jobs, keys, ui, workers
 from api.schemas import Health, error_responses
+from services import async_reads
 from services.artifacts import open_artifacts
+from services.async_reads import AsyncReads
 from services.backends import apply_ibm_settings
 from services.events import EventPublisher
 from services.logs import configure_logging
@@ -64,11 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis.Redis.from_url(settings.resolved_broker_url,
                                                socket_timeout=2, socket_connect_timeout=2)
         app.state.hub = EventHub(settings.resolved_broker_url, app.state.store)
+        app.state.async_reads = (AsyncReads(settings.resolved_database_url,
+                                            settings.api_threads)
+                                 if async_reads.supported(settings.resolved_database_url)
+                                 else None)
         app.state.registry.register(StoreCollector(app.state.store))
         try:
             yield
         finally:
             await app.state.hub.close()
+            if app.state.async_reads is not None:
+                await app.state.async_reads.close()
             app.state.celery.close()
             app.state.redis.close()
             app.state.publisher.close()

@@ -59,11 +59,14 @@ async def get_job(job_id: str, request: Request) -> Response:
     # matched first: no dependency to solve, the key check and the job read in one query,
     # the response serialised once. On SQLite that query runs right here: it is a library
     # call of tens of microseconds, a third of what the trip to the threadpool costs, and
-    # a WAL read never waits for a writer; a database server is read from the threadpool.
+    # a WAL read never waits for a writer. PostgreSQL through psycopg is read from the
+    # loop on async connections (services.async_reads); another server from the pool.
     token = bearer_token(request)
     db: store.Store = request.app.state.store
     if db.in_process:
         row = _read_job_as(db, token, job_id)
+    elif request.app.state.async_reads is not None:
+        row = await request.app.state.async_reads.read_job_as(token, job_id)
     else:
         row = await anyio.to_thread.run_sync(_read_job_as, db, token, job_id)
     refuse_key(row and row.key_id,

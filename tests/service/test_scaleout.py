@@ -202,6 +202,13 @@ def test_resource_class_picks_the_queue_and_workers_show_capacity(
         wait_for(lambda: broker.llen(settings.gpu_queue) == 1, HANG_GUARD,
                  "the job's message on the gpu queue")
         assert client.get_job(job["id"])["status"] == "queued"
+        # The status read on PostgreSQL (async connections) checks key and owner as well.
+        assert http.get("/v1/jobs/job-nope").json()["detail"] == "no job 'job-nope'"
+        other = hosts.new_key("other")
+        foreign = http.get(f"/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {other}"})
+        assert foreign.status_code == 404
+        unknown = http.get(f"/v1/jobs/{job['id']}", headers={"Authorization": "Bearer qpa_x"})
+        assert unknown.status_code == 401 and unknown.json()["detail"] == "invalid API key"
         capacity = {row["resource_class"]: row for row in
                     http.get("/v1/workers").json()["capacity"]}
         assert capacity["gpu"] == {"resource_class": "gpu", "workers": 0, "slots": 0,
