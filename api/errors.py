@@ -11,6 +11,8 @@ framework would answer differently are handled here as well:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from collections.abc import Callable, Coroutine
@@ -20,6 +22,7 @@ from fastapi import FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -137,7 +140,9 @@ class BodyLimit:
         self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            # Nothing reads a GET's body (a request that sends one anyway is answered
+            # without it being read).
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
@@ -198,7 +203,22 @@ class ServiceRequest(Request):
 
 
 class ServiceRoute(APIRoute):
-    """The route class of every router: hands the endpoint a ``ServiceRequest``."""
+    """The route class of every router: hands the endpoint a ``ServiceRequest``, and ends
+    a sync endpoint's database transaction in the endpoint's own thread.
+
+    Why the latter: a session's connection is held until its transaction ends. Ended in
+    the session dependency's teardown, that would be a second trip to the threadpool with
+    the connection still held; with as many pooled connections as threads
+    (``QPA_API_THREADS``), 200 concurrent event streams filled the pool with connections
+    waiting for a thread while every thread waited for a connection (bench_service
+    --fanout hung). So every trip to the threadpool gives its connection back before it
+    ends, and the teardown, with nothing left to do on the database, stays in the loop.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _ending_transactions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -207,6 +227,26 @@ class ServiceRoute(APIRoute):
             return await handler(ServiceRequest(request.scope, request.receive))
 
         return service_handler
+
+
+def _ending_transactions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint``, committing (or, if it raises, rolling back) the sessions it was given
+    before it returns. FastAPI reads the signature through ``__wrapped__``."""
+
+    @functools.wraps(endpoint)
+    def run(**arguments: Any) -> Any:
+        sessions = [value for value in arguments.values() if isinstance(value, Session)]
+        try:
+            result = endpoint(**arguments)
+        except BaseException:
+            for session in sessions:
+                session.rollback()
+            raise
+        for session in sessions:
+            session.commit()
+        return result
+
+    return run
 
 
 # A JSON string (with an optional ": " making it a key) or a bracket; nothing else

@@ -1,8 +1,10 @@
 """The FastAPI application: ``uvicorn api.main:app`` (or ``create_app(settings)``).
 
-Wires settings, the job store, the artifact store and the Celery publisher into
-``app.state`` at start-up (lifespan), mounts the routers, answers every error as JSON
-``{"detail": ..., "field": ...}`` (``api.errors``) and serves /healthz and /metrics.
+Wires settings, the job store, the artifact store, the Celery publisher, a Redis client
+and the event hub into ``app.state`` at start-up (lifespan), mounts the routers, answers
+every error as JSON ``{"detail": ..., "field": ...}`` (``api.errors``) and serves
+/healthz and /metrics. The threadpool and the database pool have the same size
+(``QPA_API_THREADS``): a request in the pool never waits for a connection.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import redis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -26,11 +29,15 @@ from api.errors import (
     ServiceRoute,
     add_error_handlers,
 )
+from api.events import EventHub
 from api.metrics import StoreCollector
-from api.routes import backends, estimates, files, jobs, keys, ui
+from api.routes import backends, estimates, files, jobs, keys, ui, workers
 from api.schemas import Health, error_responses
-from services.artifacts import ArtifactStore
+from services import async_reads
+from services.artifacts import open_artifacts
+from services.async_reads import AsyncReads
 from services.backends import apply_ibm_settings
+from services.events import EventPublisher
 from services.logs import configure_logging
 from services.queue import make_celery
 from services.settings import Settings, get_settings
@@ -44,14 +51,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level, settings.log_json)
         apply_ibm_settings(settings)
-        app.state.store = Store(settings.resolved_database_url)
-        app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        app.state.publisher = EventPublisher(settings.resolved_broker_url)
+        # One connection per thread, plus one for the status read SQLite answers in the
+        # event loop (api.routes.jobs.get_job). Every trip to the threadpool returns its
+        # connection before it ends (api.errors.ServiceRoute), so none waits for one.
+        app.state.store = Store(settings.resolved_database_url,
+                                pool_size=settings.api_threads + 1,
+                                notify=app.state.publisher)
+        app.state.artifacts = open_artifacts(settings.resolved_artifact_url)
+        await anyio.to_thread.run_sync(app.state.artifacts.check)  # a bad bucket stops here
         app.state.celery = make_celery(settings)
+        # One pooled client for /healthz and /v1/workers (no connection per call).
+        app.state.redis = redis.Redis.from_url(settings.resolved_broker_url,
+                                               socket_timeout=2, socket_connect_timeout=2)
+        app.state.hub = EventHub(settings.resolved_broker_url, app.state.store)
+        app.state.async_reads = (AsyncReads(settings.resolved_database_url,
+                                            settings.api_threads)
+                                 if async_reads.supported(settings.resolved_database_url)
+                                 else None)
         app.state.registry.register(StoreCollector(app.state.store))
         try:
             yield
         finally:
+            await app.state.hub.close()
+            if app.state.async_reads is not None:
+                await app.state.async_reads.close()
             app.state.celery.close()
+            app.state.redis.close()
+            app.state.publisher.close()
             app.state.store.dispose()
 
     app = FastAPI(
@@ -74,11 +102,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestCounter, counter=requests_total)
 
     add_error_handlers(app)
-    app.include_router(files.router)
+    # Jobs first: the status read is the call clients make most, and routes are matched
+    # in order.
     app.include_router(jobs.router)
+    app.include_router(files.router)
     app.include_router(backends.router)
     app.include_router(estimates.router)
     app.include_router(keys.router)
+    app.include_router(workers.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
 
@@ -145,8 +176,7 @@ def _health_checks(app: FastAPI) -> dict[str, str]:
         checks["database"] = f"error: {error}"
     started = time.monotonic()
     try:
-        with app.state.celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)
+        app.state.redis.ping()  # a pooled connection: no new one per call
         checks["broker"] = "ok"
     except Exception as error:
         checks["broker"] = f"error after {time.monotonic() - started:.1f}s: {error}"

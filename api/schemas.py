@@ -110,6 +110,9 @@ class JobObject(BaseModel):
     id: str
     object: Literal["job"] = "job"
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    resource_class: Literal["cpu", "gpu"] = Field(
+        description="Which workers run it: the config's `resource_class`, else gpu when "
+        "`train.device` is cuda, else cpu.")
     method: str
     backend: str
     base_model: str
@@ -131,7 +134,8 @@ class JobObject(BaseModel):
     @classmethod
     def of(cls, job: store.Job) -> JobObject:
         return cls(
-            id=job.id, status=job.status, method=job.method, backend=job.backend,
+            id=job.id, status=job.status, resource_class=job.resource_class,
+            method=job.method, backend=job.backend,
             base_model=job.base_model, created_at=_aware(job.created_at),
             started_at=_aware(job.started_at), finished_at=_aware(job.finished_at),
             updated_at=_aware(job.updated_at),
@@ -191,6 +195,33 @@ class BackendList(BaseModel):
     object: Literal["list"] = "list"
     default: str
     data: list[BackendObject]
+
+
+class WorkerObject(BaseModel):
+    """A worker that announced itself within the last few `QPA_REAP_SECONDS`."""
+
+    name: str = Field(description="Celery node name.")
+    host: str
+    resource_classes: list[Literal["cpu", "gpu"]]
+    queues: list[str]
+    concurrency: int = Field(description="Jobs it runs at once.")
+    gpus: int = Field(description="NVIDIA devices it sees.")
+    started_at: datetime
+    seen_at: datetime
+
+
+class CapacityObject(BaseModel):
+    resource_class: Literal["cpu", "gpu"]
+    workers: int = Field(description="Workers up that serve this class.")
+    slots: int = Field(description="Jobs of this class they can run at once.")
+    queued: int
+    running: int
+
+
+class WorkerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WorkerObject]
+    capacity: list[CapacityObject]
 
 
 JOB_BODY_EXAMPLE: dict[str, Any] = {

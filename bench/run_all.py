@@ -116,6 +116,13 @@ def rendered_sections(scripts: list[str]) -> dict[str, str]:
                     sections[module.SECTION] = renderer(json.loads(path.read_text()))
                 except Exception as error:
                     print(f"   rendering {name} failed: {error}", file=sys.stderr)
+        # A script with more than one block (bench_service: SQLite, PostgreSQL, fan-out).
+        extra = getattr(module, "extra_sections", None)
+        if extra:
+            try:
+                sections.update(extra())
+            except Exception as error:
+                print(f"   rendering {name}'s other blocks failed: {error}", file=sys.stderr)
     return sections
 
 

@@ -153,6 +153,10 @@ class _JobKeys(Section):
     eval_file: str | None = None
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 100
     output_dir: str | None = Field(default=None, description="CLI only; the service picks its own.")
+    resource_class: Literal["cpu", "gpu"] | None = Field(
+        default=None, description="Service only: which workers run the job (gpu: the GPU "
+        "queue). Unset: gpu when train.device is cuda, else cpu.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,7 @@ import httpx
 from services.logs import configure_logging
 from services.settings import Settings, get_settings
 from services.store import Store
+from services.workers import gpu_count
 
 logger = logging.getLogger("qpa.serve")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +159,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None =
 
     env = os.environ.copy()
     env["QPA_HOME"] = str(home)
+    if "worker_resources" not in settings.model_fields_set and gpu_count():
+        # One machine with a GPU: its worker serves both classes.
+        env["QPA_WORKER_RESOURCES"] = "cpu,gpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     processes: dict[str, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
@@ -173,7 +177,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None =
             processes["redis"], env["QPA_BROKER_URL"] = start_redis(home, env)
         processes["worker"] = _spawn("worker", [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
-            "--queues", settings.queue, "--hostname", f"qpa-serve-{os.getpid()}@%h",
+            "--hostname", f"qpa-serve-{os.getpid()}@%h",
             "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle",
         ], env)
         processes["api"] = _spawn("api", [

@@ -5,20 +5,24 @@ in-process executor can call ``run_job`` directly. It
 
 1. skips a job that is terminal, or whose lease a live worker holds (redelivered duplicate);
 2. takes the job's lease atomically and renews it from a heartbeat thread;
-3. runs training into the job's artifact folder with ``resume=True``, so a job whose
-   previous worker died continues from the checkpoint in ``state/``;
+3. runs training into the job's workspace with ``resume=True``: the artifact folder itself,
+   or, with object storage, a folder on this host filled from the store first, so a job
+   whose previous worker died (on any host) continues from the stored checkpoint;
 4. writes every trainer event to the store and mirrors progress onto the job row, each
-   write conditional on still holding the lease;
+   write conditional on still holding the lease; at every checkpoint, pushes the
+   checkpoint and the logs to the artifact store before the job row records it;
 5. stops within one step when the cancel flag is set, the lease is lost, or the worker
    is shutting down, and records the outcome. Failed jobs keep events and checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import secrets
+import shutil
 import threading
 import time
 import traceback
@@ -28,7 +32,9 @@ from typing import Any
 from sqlalchemy import select
 
 from services import store
-from services.artifacts import ArtifactStore
+from services.artifacts import ADAPTER_ARCHIVE, ArtifactStore, Workspace, build_archive
+from services.artifacts import open_artifacts as _open_artifacts
+from services.events import EventPublisher
 from services.logs import JobLogger
 from services.settings import Settings, get_settings
 
@@ -40,17 +46,42 @@ LOST = "lost"  # the lease was taken over while running; the new holder reports
 INTERRUPTED = "interrupted"  # this worker is shutting down; job requeued from checkpoint
 
 
+Requeue = Callable[[str, str], None]
+
+
+def worker_store(settings: Settings) -> store.Store:
+    """This process's job store, publishing event notifications on the broker."""
+    return store.get_store(settings.resolved_database_url,
+                           notify=_publisher(os.getpid(), settings.resolved_broker_url))
+
+
+@functools.cache
+def _publisher(_pid: int, broker_url: str) -> EventPublisher:
+    return EventPublisher(broker_url)
+
+
+@functools.cache
+def _artifacts(_pid: int, url: str) -> ArtifactStore:
+    # Per process: a forked pool process must not reuse its parent's HTTP connections.
+    return _open_artifacts(url)
+
+
+def open_artifacts(settings: Settings) -> ArtifactStore:
+    """This process's artifact store."""
+    return _artifacts(os.getpid(), settings.resolved_artifact_url)
+
+
 def run_job(job_id: str, settings: Settings | None = None, *,
             shutdown: threading.Event | None = None,
-            requeue: Callable[[str], None] | None = None) -> str:
+            requeue: Requeue | None = None) -> str:
     """Run (or resume) one job; returns its final status or SKIPPED/LOST/INTERRUPTED.
 
     ``shutdown``: set by the worker on warm shutdown; training then checkpoints, the job
-    goes back to ``queued`` and ``requeue(job_id)`` publishes it again.
+    goes back to ``queued`` and ``requeue(job_id, resource_class)`` publishes it again.
     """
     settings = settings or get_settings()
-    db = store.get_store(settings.resolved_database_url)
-    artifacts = ArtifactStore(settings.resolved_artifact_dir)
+    db = worker_store(settings)
+    artifacts = open_artifacts(settings)
     owner = f"{store.this_host()}/{os.getpid()}/{secrets.token_hex(4)}"
     log = JobLogger(logger, {"job_id": job_id})
 
@@ -68,6 +99,7 @@ def run_job(job_id: str, settings: Settings | None = None, *,
             return SKIPPED
         attempt = job.attempts
         config_data = dict(job.config)
+        resource_class = job.resource_class
         if job.cancel_requested:
             _finish(session, job_id, owner, attempt, "cancelled", "cancelled before it started")
             return "cancelled"
@@ -82,19 +114,26 @@ def run_job(job_id: str, settings: Settings | None = None, *,
                                           "message": message}, attempt=attempt)
     log.info(message, extra={"attempt": attempt})
 
-    job_run = _JobRun(job_id, owner, attempt, settings, db, log, shutdown)
+    workspace = artifacts.workspace(job_id, settings.scratch_dir)
+    inputs = settings.scratch_dir / "inputs" / job_id
+    job_run = _JobRun(job_id, owner, attempt, settings, db, log, shutdown, workspace)
     job_run.start_heartbeat()
     try:
-        return job_run.train(config_data, artifacts, requeue)
+        return job_run.train(config_data, artifacts, inputs,
+                             requeue and (lambda: requeue(job_id, resource_class)))
     finally:
         job_run.stop_heartbeat()
+        workspace.close()
+        shutil.rmtree(inputs, ignore_errors=True)
 
 
 class _JobRun:
     """State of one attempt: the lease holder's heartbeat and the trainer's callbacks."""
 
     def __init__(self, job_id: str, owner: str, attempt: int, settings: Settings,
-                 db: store.Store, log: JobLogger, shutdown: threading.Event | None):
+                 db: store.Store, log: JobLogger, shutdown: threading.Event | None,
+                 workspace: Workspace):
+        self.workspace = workspace
         self.job_id = job_id
         self.owner = owner
         self.attempt = attempt
@@ -171,7 +210,7 @@ class _JobRun:
             self._last_step_at = now
         elif kind == "eval" and event.get("eval_loss") is not None:
             values["eval_loss"] = event["eval_loss"]
-        elif kind == "checkpoint":
+        elif kind == "checkpoint" and self._store_checkpoint(int(event["step"])):
             values["checkpoint_step"] = int(event["step"])
         try:
             with self.db.session() as session:
@@ -187,24 +226,47 @@ class _JobRun:
             self.log.info("%s", event.get("message") or kind,
                           extra={k: v for k, v in event.items() if k not in ("type", "message")})
 
+    def _store_checkpoint(self, step: int) -> bool:
+        """Push the checkpoint just written (and the logs) to the artifact store; whether
+        it is stored. The job row only ever names a checkpoint another host can resume."""
+        if self.lease_lost.is_set():
+            return False  # the worker that took over owns the stored checkpoint now
+        try:
+            self.workspace.push()
+        except Exception as error:
+            self.log.exception("could not store the checkpoint at step %s", step)
+            self.on_event({"type": "log", "level": "warning", "message":
+                           f"checkpoint at step {step} not stored ({error}); training goes on"})
+            return False
+        return True
+
+    def _push_quietly(self) -> None:
+        try:
+            self.workspace.push()
+        except Exception:
+            self.log.exception("could not store the job's files")
+
     # -- the run -----------------------------------------------------------------------
 
-    def train(self, config_data: dict[str, Any], artifacts: ArtifactStore,
-              requeue: Callable[[str], None] | None) -> str:
+    def train(self, config_data: dict[str, Any], artifacts: ArtifactStore, inputs: Any,
+              requeue: Callable[[], None] | None) -> str:
         from qpa.config import parse_config
         from qpa.errors import ConfigError, JobCancelled, QuantumBudgetExceeded
 
         try:
             from qpa.training import finetune
 
+            self.workspace.pull()
             for field in ("train_file", "eval_file"):
                 if config_data.get(field):
-                    path = artifacts.file_path(config_data[field])
-                    if not path.is_file():
-                        raise ConfigError(field, f"uploaded file {config_data[field]} is gone")
+                    try:
+                        path = artifacts.upload_path(config_data[field], inputs)
+                    except FileNotFoundError:
+                        raise ConfigError(field, f"uploaded file {config_data[field]} is "
+                                          "gone") from None
                     config_data[field] = str(path)
             config = parse_config(config_data)
-            metrics = finetune(config, artifacts.job_dir(self.job_id), on_event=self.on_event,
+            metrics = finetune(config, self.workspace.dir, on_event=self.on_event,
                                should_stop=self.should_stop, resume=True,
                                nproc=self.settings.worker_nproc)
         except JobCancelled as stopped:
@@ -220,9 +282,14 @@ class _JobRun:
                            "message": traceback.format_exc(limit=20)})
             return self._fail(f"{type(error).__name__}: {error}")
         try:
-            artifacts.adapter_archive(self.job_id)
+            build_archive(self.workspace.dir, "adapter", ADAPTER_ARCHIVE, "w:gz")
         except Exception:  # the API builds it on demand if this failed
             self.log.exception("could not pre-build the adapter archive")
+        try:
+            self.workspace.push()
+        except Exception as error:
+            self.log.exception("could not store the job's results")
+            return self._fail(f"could not store the results in the artifact store: {error}")
         with self.db.session() as session:
             if not _finish(session, self.job_id, self.owner, self.attempt, "succeeded",
                            "training finished", metrics=_json_safe(metrics)):
@@ -230,10 +297,11 @@ class _JobRun:
         self.log.info("job succeeded")
         return "succeeded"
 
-    def _stopped(self, step: int, requeue: Callable[[str], None] | None) -> str:
+    def _stopped(self, step: int, requeue: Callable[[], None] | None) -> str:
         if self.lease_lost.is_set():
             self.log.warning("stopped at step %s after losing the lease", step)
             return LOST
+        self._push_quietly()  # the checkpoint training just wrote, and the logs
         with self.db.session() as session:
             job = store.get_job(session, self.job_id)
             cancelled = job is not None and job.cancel_requested
@@ -251,12 +319,14 @@ class _JobRun:
                 "message": f"worker shutting down at step {step}; requeued to resume "
                 "from its checkpoint"}, attempt=self.attempt)
         if requeue is not None:
-            requeue(self.job_id)
+            requeue()
         self.log.info("job interrupted by worker shutdown at step %s; requeued", step)
         return INTERRUPTED
 
     def _fail(self, error: str) -> str:
         self.log.error("job failed: %s", error)
+        if not self.lease_lost.is_set():
+            self._push_quietly()  # a failed job keeps its last checkpoint and its logs
         with self.db.session() as session:
             if not _finish(session, self.job_id, self.owner, self.attempt, "failed", error,
                            error=error):

@@ -1,9 +1,10 @@
 """One settings object for the service: API, worker, embedded server and CLI all read it.
 
 Every field comes from an environment variable prefixed ``QPA_`` (``QPA_DATABASE_URL``,
-``QPA_BROKER_URL``...) or from a ``.env`` file in the working directory. With nothing set,
-all server-side state lives under ``QPA_HOME`` (default ``~/.qpa``): a SQLite database,
-a local artifact folder and, for ``qpa serve``, the embedded Redis server's data.
+``QPA_BROKER_URL``, ``QPA_ARTIFACT_URL``...) or from a ``.env`` file in the working
+directory. With nothing set, all server-side state lives under ``QPA_HOME`` (default
+``~/.qpa``): a SQLite database, a local artifact folder and, for ``qpa serve``, the
+embedded Redis server's data. Workers on several hosts share nothing but the three URLs.
 Simulator versus QPU is configuration: ``QPA_DEFAULT_BACKEND`` and ``QPA_ALLOWED_BACKENDS``.
 """
 
@@ -18,6 +19,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+#: What a job needs from a worker; each class has its own queue.
+RESOURCE_CLASSES = ("cpu", "gpu")
 
 
 class Settings(BaseSettings):
@@ -43,12 +46,35 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the job store (sqlite:///... or postgresql+psycopg://...). "
         "Unset: sqlite under QPA_HOME.",
     )
+    artifact_url: str | None = Field(
+        default=None,
+        description="Where uploads and job outputs (checkpoints, adapters, logs) live: "
+        "s3://bucket/prefix (S3-compatible object storage; endpoint and credentials from the "
+        "usual AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY variables) or a "
+        "local folder. Unset: QPA_ARTIFACT_DIR, else QPA_HOME/artifacts.",
+    )
     artifact_dir: Path | None = Field(
         default=None,
-        description="Uploaded files and job outputs (adapters, checkpoints). Unset: "
-        "QPA_HOME/artifacts. Must be shared by the api and every worker.",
+        description="A local artifact folder (the older setting; QPA_ARTIFACT_URL wins). "
+        "Workers on other hosts cannot see it: use s3:// there.",
     )
-    queue: str = Field(default="qpa", description="Celery queue the jobs are sent to.")
+    queue: str = Field(default="qpa", description="Celery queue of cpu-class jobs.")
+    gpu_queue: str = Field(default="qpa-gpu", description="Celery queue of gpu-class jobs.")
+    worker_resources: CommaList = Field(
+        default_factory=lambda: ["cpu"],
+        description="Resource classes this worker serves (cpu, gpu or cpu,gpu): it consumes "
+        "their queues and announces them in GET /v1/workers.",
+    )
+    host_id: str | None = Field(
+        default=None,
+        description="Names this machine in job leases. Unset: hostname, boot id and pid "
+        "namespace, so a lease taken on this host can be judged by its pid.",
+    )
+    api_threads: int = Field(
+        default=40, ge=1, le=1000,
+        description="Threads of the API's threadpool (sync routes run there) and size of its "
+        "database connection pool: one connection per thread, no request waits for one.",
+    )
 
     default_backend: str = Field(
         default="statevector", description="Backend of a job whose config names none."
@@ -108,12 +134,21 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Log level of api, worker and serve.")
     log_json: bool = Field(default=True, description="JSON log lines (False: plain text).")
 
-    @field_validator("allowed_backends", "ibm_backends", mode="before")
+    @field_validator("allowed_backends", "ibm_backends", "worker_resources", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _known_classes(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(RESOURCE_CLASSES))
+        if unknown or not value:
+            raise ValueError(f"must list resource classes from {', '.join(RESOURCE_CLASSES)}"
+                             f" (got {', '.join(value) or 'none'})")
+        return list(dict.fromkeys(value))
 
     @property
     def home_dir(self) -> Path:
@@ -124,8 +159,27 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.home_dir / 'qpa.db'}"
 
     @property
-    def resolved_artifact_dir(self) -> Path:
-        return (self.artifact_dir or self.home_dir / "artifacts").expanduser()
+    def resolved_artifact_url(self) -> str:
+        """``s3://bucket/prefix`` or an absolute local folder."""
+        if self.artifact_url:
+            if "://" in self.artifact_url and not self.artifact_url.startswith("file://"):
+                return self.artifact_url
+            return str(Path(self.artifact_url.removeprefix("file://")).expanduser())
+        return str((self.artifact_dir or self.home_dir / "artifacts").expanduser())
+
+    @property
+    def scratch_dir(self) -> Path:
+        """This host's own working space (a worker trains into it when artifacts are
+        remote); never shared with another host."""
+        return self.home_dir / "work"
+
+    def queue_for(self, resource_class: str) -> str:
+        """The Celery queue of a resource class."""
+        return self.gpu_queue if resource_class == "gpu" else self.queue
+
+    @property
+    def worker_queues(self) -> list[str]:
+        return [self.queue_for(name) for name in self.worker_resources]
 
     @property
     def resolved_broker_url(self) -> str:

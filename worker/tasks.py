@@ -31,6 +31,7 @@ def run_job_task(job_id: str) -> str:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run_job(job_id, settings, shutdown=SHUTDOWN,
-                       requeue=lambda requeued: enqueue_job(app, requeued, settings))
+                       requeue=lambda requeued, resource_class: enqueue_job(
+                           app, requeued, settings, resource_class))
     finally:
         signal.signal(signal.SIGTERM, previous)

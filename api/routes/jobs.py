@@ -4,15 +4,23 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Body, Header, Query, Request, status
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.responses import FileResponse, StreamingResponse
 
-from api.deps import ArtifactsDep, CeleryDep, CurrentKey, SessionDep, SettingsDep
+from api.deps import (
+    BEARER_SECURITY,
+    ArtifactsDep,
+    CeleryDep,
+    CurrentKey,
+    HubDep,
+    SessionDep,
+    SettingsDep,
+    bearer_token,
+    refuse_key,
+)
 from api.errors import RequestError, ServiceRoute
 from api.schemas import (
     JOB_BODY_EXAMPLE,
@@ -25,12 +33,12 @@ from api.schemas import (
 )
 from qpa.config import JobConfig
 from services import store
+from services.artifacts import Download
 from services.jobs import prepare_config
-from services.queue import enqueue_job
+from services.queue import enqueue_job, resource_class_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ServiceRoute,
                    responses=error_responses(401))
-SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 # A file served as it is (archive, GGUF, PNG).
 BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -43,6 +51,37 @@ def _owned_job(session: Any, job_id: str, owner_id: str) -> store.Job:
     return job
 
 
+@router.get("/{job_id}", response_model=JobObject, responses=error_responses(404, 422),
+            openapi_extra=BEARER_SECURITY)
+async def get_job(job_id: str, request: Request) -> Response:
+    """Status, progress (step, loss, eval loss), quantum usage, timestamps, metrics."""
+    # The call clients poll (bench/bench_service.py), first in the router so it is
+    # matched first: no dependency to solve, the key check and the job read in one query,
+    # the response serialised once. On SQLite that query runs right here: it is a library
+    # call of tens of microseconds, a third of what the trip to the threadpool costs, and
+    # a WAL read never waits for a writer. PostgreSQL through psycopg is read from the
+    # loop on async connections (services.async_reads); another server from the pool.
+    token = bearer_token(request)
+    db: store.Store = request.app.state.store
+    if db.in_process:
+        row = _read_job_as(db, token, job_id)
+    elif request.app.state.async_reads is not None:
+        row = await request.app.state.async_reads.read_job_as(token, job_id)
+    else:
+        row = await anyio.to_thread.run_sync(_read_job_as, db, token, job_id)
+    refuse_key(row and row.key_id,
+               row and store.key_problem(row.key_id, row.key_revoked_at, row.key_expires_at,
+                                         store.utcnow()))
+    if row.id is None:
+        raise RequestError(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return Response(JobObject.of(row).model_dump_json(), media_type="application/json")
+
+
+def _read_job_as(db: store.Store, token: str, job_id: str) -> Any:
+    with db.reader() as connection:
+        return store.read_job_as(connection, token, job_id)
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobObject,
              responses=error_responses(400, 404, 413, 422, 503))
 def create_job(
@@ -53,13 +92,16 @@ def create_job(
         examples=[JOB_BODY_EXAMPLE])],
     key: CurrentKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
 ) -> JobObject:
-    """Validate the config, store the job as `queued` and hand it to the workers."""
+    """Validate the config, store the job as `queued` and hand it to the workers of its
+    resource class (`resource_class`, else gpu when `train.device` is cuda, else cpu)."""
     stored = prepare_config(session, settings, key.id, config)
-    job = store.create_job(session, owner_id=key.id, config=stored)
+    resource_class = resource_class_of(stored)
+    job = store.create_job(session, owner_id=key.id, config=stored,
+                           resource_class=resource_class)
     # Commit before publishing: a worker may pick the message up at once.
     session.commit()
     try:
-        enqueue_job(celery, job.id, settings)
+        enqueue_job(celery, job.id, settings, resource_class)
     except Exception as error:
         job.status, job.finished_at = "failed", store.utcnow()
         job.error = f"could not reach the job queue: {error}"
@@ -91,12 +133,6 @@ def list_jobs(
                    last_id=data[-1].id if data else None)
 
 
-@router.get("/{job_id}", response_model=JobObject, responses=error_responses(404, 422))
-def get_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
-    """Status, progress (step, loss, eval loss), quantum usage, timestamps, metrics."""
-    return JobObject.of(_owned_job(session, job_id, key.id))
-
-
 # One server-sent event, as OpenAPI before 3.2 describes a stream's items: a job event
 # (`id`, `event` = its type, `data` = the EventObject as JSON), or the final `end`.
 SSE_EVENT_SCHEMA = {"oneOf": [
@@ -120,7 +156,7 @@ SSE_EVENT_SCHEMA = {"oneOf": [
           "`data: <event JSON>`, and a final `event: end` once the job has ended.",
           "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}})
 def job_events(
-    job_id: str, request: Request, key: CurrentKey, session: SessionDep,
+    job_id: str, request: Request, key: CurrentKey, session: SessionDep, hub: HubDep,
     after: Annotated[int, Query(ge=0, le=store.MAX_SEQ,
                                 description="Return events with id > after.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
@@ -137,7 +173,7 @@ def job_events(
     _owned_job(session, job_id, key.id)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         cursor = last_event_id if last_event_id is not None else after
-        return StreamingResponse(_event_stream(request, job_id, cursor),
+        return StreamingResponse(hub.stream(job_id, cursor, SSE_KEEPALIVE_SECONDS, _end_frame),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
@@ -146,32 +182,8 @@ def job_events(
     return EventList(data=data, has_more=has_more, last_id=data[-1].id if data else None)
 
 
-async def _event_stream(request: Request, job_id: str, cursor: int) -> AsyncIterator[str]:
-    db: store.Store = request.app.state.store
-
-    def poll(after: int) -> tuple[list[EventObject], str | None]:
-        with db.session() as session:
-            rows, _ = store.list_events(session, job_id, after=after, limit=500)
-            job = store.get_job(session, job_id)
-            return [EventObject.of(row) for row in rows], job.status if job else None
-
-    last_sent = time.monotonic()
-    # Starlette's StreamingResponse cancels this generator when the client goes away.
-    while True:
-        events, job_status = await anyio.to_thread.run_sync(poll, cursor)
-        for item in events:
-            cursor = item.id
-            payload = item.model_dump_json()
-            yield f"id: {item.id}\nevent: {item.type}\ndata: {payload}\n\n"
-            last_sent = time.monotonic()
-        if not events and job_status in store.TERMINAL_STATUSES:
-            yield f"event: end\ndata: {json.dumps({'status': job_status})}\n\n"
-            return
-        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if not events:
-            await anyio.sleep(SSE_POLL_SECONDS)
+def _end_frame(job_status: str | None) -> str:
+    return f"event: end\ndata: {json.dumps({'status': job_status})}\n\n"
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject,
@@ -197,14 +209,13 @@ def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
                                  "application/octet-stream")}}})
 def download_adapter(
     job_id: str, key: CurrentKey, session: SessionDep, artifacts: ArtifactsDep,
-    settings: SettingsDep,
     export_format: Annotated[Literal["peft", "merged", "gguf"], Query(
         alias="format",
         description="peft: `adapter/…` in a .tar.gz (stock PEFT; with loss.png); merged: "
         "`merged/…` in a .tar (transformers folder with the adapter merged in); gguf: the "
         "llama.cpp LoRA adapter file. merged and gguf exist when the job's "
         "`export.formats` asked for them.")] = "peft",
-) -> FileResponse:
+) -> Response:
     """A succeeded job's adapter in one of the formats it exported."""
     job = _owned_job(session, job_id, key.id)
     if job.status != "succeeded":
@@ -218,12 +229,12 @@ def download_adapter(
                            f"export.formats is {exported}); submit the job with export: "
                            f"{{formats: [peft, {export_format}]}}", "format")
     try:
-        path, media_type, filename = artifacts.export_download(job_id, export_format)
+        download, media_type, filename = artifacts.export_download(job_id, export_format)
     except FileNotFoundError:
         raise RequestError(status.HTTP_410_GONE,
                            f"job {job_id}'s {export_format} export is missing from the "
-                           f"artifact store ({settings.resolved_artifact_dir})") from None
-    return FileResponse(path, media_type=media_type, filename=filename)
+                           f"artifact store ({artifacts.location})") from None
+    return send_download(download, media_type, filename)
 
 
 @router.get("/{job_id}/plot", response_class=Response,
@@ -239,9 +250,18 @@ def loss_plot(job_id: str, key: CurrentKey, session: SessionDep,
     _owned_job(session, job_id, key.id)
     try:
         # Read whole (tens of KB): the trainer replaces the file atomically at checkpoints.
-        png = artifacts.loss_plot(job_id).read_bytes()
+        png = artifacts.loss_plot(job_id)
     except FileNotFoundError:
         raise RequestError(status.HTTP_404_NOT_FOUND,
                            f"job {job_id} has no loss plot yet (it is written at the "
                            "first checkpoint)") from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+def send_download(download: Download, media_type: str, filename: str) -> Response:
+    """A stored file as the response: sent from disk, or streamed from object storage."""
+    if download.path is not None:
+        return FileResponse(download.path, media_type=media_type, filename=filename)
+    return StreamingResponse(download.chunks, media_type=media_type, headers={
+        "Content-Length": str(download.size),
+        "Content-Disposition": f'attachment; filename="{filename}"'})

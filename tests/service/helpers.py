@@ -47,10 +47,13 @@ def base_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 class ServiceStack:
-    """An API (uvicorn subprocess) and any number of Celery workers sharing one
-    SQLite store, artifact folder and Redis database."""
+    """An API (uvicorn subprocess) and any number of Celery workers sharing one job store
+    (a SQLite file, or ``database_url``), artifact store and Redis database. A worker
+    started with its own ``QPA_HOME`` (``start_worker(..., home=...)``) is another host as
+    far as the service can tell, when the artifacts are not a local folder."""
 
-    def __init__(self, root: Path, redis_url: str, db_number: int, **settings: str):
+    def __init__(self, root: Path, redis_url: str, db_number: int, *,
+                 database_url: str | None = None, **settings: str):
         self.root = root
         self.home = root / "home"
         self.logs = root / "logs"
@@ -64,7 +67,9 @@ class ServiceStack:
             QPA_MAX_UPLOAD_BYTES="200000",
             **settings,
         )
-        self.database_url = f"sqlite:///{self.home / 'qpa.db'}"
+        self.database_url = database_url or f"sqlite:///{self.home / 'qpa.db'}"
+        if database_url:
+            self.env["QPA_DATABASE_URL"] = database_url
         self.artifact_dir = self.home / "artifacts"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,10 +78,11 @@ class ServiceStack:
         # Create the tables before the processes start (they would race to).
         store.Store(self.database_url).dispose()
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, command: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
-        return subprocess.Popen(command, env=self.env, cwd=REPO_ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, env={**self.env, **(env or {})}, cwd=REPO_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_api(self) -> None:
         self.api = self._spawn("api", [
@@ -95,12 +101,15 @@ class ServiceStack:
             time.sleep(0.2)
         raise AssertionError(f"API did not come up:\n{self.log('api')}")
 
-    def start_worker(self, name: str, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, wait: bool = True,
+                     **env: str) -> subprocess.Popen[bytes]:
+        """A worker process; ``env`` adds or overrides its variables (``QPA_HOME``,
+        ``QPA_HOST_ID``, ``QPA_WORKER_RESOURCES``...)."""
         process = self._spawn(name, [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
             "--hostname", f"{name}-{os.getpid()}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ])
+        ], env)
         self.workers[name] = process
         if wait:
             wait_for(lambda: " ready." in self.log(name) or process.poll() is not None,
@@ -108,6 +117,10 @@ class ServiceStack:
                      f"worker {name} ready")
             assert process.poll() is None, self.log(name)
         return process
+
+    def stop_worker(self, name: str) -> None:
+        """Warm shutdown (SIGTERM), as a deployment stops a worker."""
+        terminate_group(self.workers.pop(name), 30)
 
     def kill_worker(self, name: str) -> None:
         """SIGKILL the worker and its pool process: no chance to ack, checkpoint or clean up."""

@@ -10,8 +10,7 @@ import pytest
 
 from api.schemas import JobObject
 from services import store
-from services.artifacts import ArtifactStore
-from services.runner import run_job
+from services.runner import open_artifacts, run_job
 from services.settings import Settings
 
 from .helpers import job_config
@@ -22,7 +21,7 @@ def test_worker_runs_a_job_on_two_processes(tmp_path, tiny_llama_dir, data_files
                         database_url=f"sqlite:///{tmp_path / 'qpa.db'}",
                         artifact_dir=tmp_path / "artifacts", worker_nproc=2)
     db = store.get_store(settings.resolved_database_url)
-    artifacts = ArtifactStore(settings.resolved_artifact_dir)
+    artifacts = open_artifacts(settings)
     with db.session() as session:
         key, _ = store.create_api_key(session, "dp")
         file_ids = []

@@ -1,12 +1,16 @@
-"""The job store's lease rules, the upload validator and settings parsing (no servers)."""
+"""The job store's lease rules, events and one-query reads on SQLite and on a real
+PostgreSQL server; the upload validator on a local folder and on a real S3 server;
+settings parsing."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,16 +18,45 @@ import pytest
 
 from qpa.errors import ConfigError
 from services import store
-from services.artifacts import ArtifactStore, UploadTooLarge
+from services.artifacts import (
+    ArtifactStore,
+    LocalArtifactStore,
+    ObjectArtifactStore,
+    UploadTooLarge,
+)
 from services.runner import _json_safe
 from services.settings import Settings
 
+_DATABASES = itertools.count()
+_BUCKETS = itertools.count()
 
-@pytest.fixture
-def db(tmp_path: Path) -> store.Store:
-    database = store.Store(f"sqlite:///{tmp_path / 'qpa.db'}")
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[store.Store]:
+    """A migrated, empty store: a SQLite file, or a new database on the test PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'qpa.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").database(
+            f"store_{next(_DATABASES)}")
+    database = store.Store(url)
     yield database
     database.dispose()
+
+
+@pytest.fixture(params=["local", "s3"])
+def artifacts(request: pytest.FixtureRequest,
+              tmp_path: Path) -> tuple[ArtifactStore, Callable[[], list[str]]]:
+    """An artifact store (a folder, or a new bucket on the test S3 server) and a function
+    listing the uploads it holds."""
+    if request.param == "local":
+        local = LocalArtifactStore(tmp_path)
+        return local, lambda: sorted(path.name for path in (tmp_path / "files").iterdir())
+    server = request.getfixturevalue("s3_server")
+    url = server.bucket(f"store-{next(_BUCKETS)}") + "/prefix"
+    remote = ObjectArtifactStore(url, client=server.client())
+    return remote, lambda: sorted(key.rsplit("/", 1)[1]
+                                  for key in remote.list_keys(remote.key("files") + "/"))
 
 
 def _job(db: store.Store) -> tuple[str, str]:
@@ -65,7 +98,7 @@ def test_stale_heartbeat_requeues_and_lets_another_worker_take_over(db: store.St
         job.lease_host = "another-machine"
         job.checkpoint_step = 4
     with db.session() as session:
-        assert store.requeue_dead_jobs(session, lease_seconds=60) == [job_id]
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == [(job_id, "cpu")]
         # A second reaper racing the first finds nothing to do.
         assert store.requeue_dead_jobs(session, lease_seconds=60) == []
         job = store.get_job(session, job_id)
@@ -90,7 +123,7 @@ def test_lease_of_a_dead_process_on_this_host_is_dead_at_once(db: store.Store) -
         job = store.get_job(session, job_id)
         job.lease_pid = int(finished.stdout)  # fresh heartbeat, but the process is gone
     with db.session() as session:
-        assert store.requeue_dead_jobs(session, lease_seconds=60) == [job_id]
+        assert store.requeue_dead_jobs(session, lease_seconds=60) == [(job_id, "cpu")]
 
 
 def test_cancel_of_queued_job_is_immediate(db: store.Store) -> None:
@@ -126,23 +159,31 @@ def test_jobs_are_private_and_paginated(db: store.Store) -> None:
     (b"", "no records"),
     (b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 2: JSON nested"),
 ])
-def test_upload_validation_names_the_line(tmp_path: Path, content: bytes, message: str) -> None:
-    artifacts = ArtifactStore(tmp_path)
+def test_upload_validation_names_the_line(
+        artifacts: tuple[ArtifactStore, Callable[[], list[str]]], tmp_path: Path,
+        content: bytes, message: str) -> None:
+    kept, uploads = artifacts
     with pytest.raises(ConfigError) as caught:
-        artifacts.save_upload("file-x", io.BytesIO(content), max_bytes=1_000_000)
+        kept.save_upload("file-x", io.BytesIO(content), max_bytes=1_000_000)
     assert caught.value.field == "file" and message in caught.value.reason
-    assert str(tmp_path) not in caught.value.reason
-    assert list((tmp_path / "files").iterdir()) == []
+    assert str(tmp_path) not in caught.value.reason and ".part" not in caught.value.reason
+    assert uploads() == []
 
 
-def test_upload_size_limit_and_success(tmp_path: Path) -> None:
-    artifacts = ArtifactStore(tmp_path)
+def test_upload_size_limit_and_success(
+        artifacts: tuple[ArtifactStore, Callable[[], list[str]]], tmp_path: Path) -> None:
+    kept, uploads = artifacts
     lines = b"".join(json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(50))
     with pytest.raises(UploadTooLarge):
-        artifacts.save_upload("file-big", io.BytesIO(lines), max_bytes=100)
-    size, records = artifacts.save_upload("file-ok", io.BytesIO(lines), max_bytes=10_000)
+        kept.save_upload("file-big", io.BytesIO(lines), max_bytes=100)
+    assert uploads() == []
+    size, records = kept.save_upload("file-ok", io.BytesIO(lines), max_bytes=10_000)
     assert (size, records) == (len(lines), 50)
-    assert artifacts.file_path("file-ok").read_bytes() == lines
+    assert uploads() == ["file-ok.jsonl"]
+    # What a worker reads: the same bytes, in its own scratch folder when remote.
+    assert kept.upload_path("file-ok", tmp_path / "scratch").read_bytes() == lines
+    with pytest.raises(FileNotFoundError):
+        kept.upload_path("file-gone", tmp_path / "scratch")
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -155,7 +196,15 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert not settings.backend_allowed("aer")
     assert settings.max_qubits == 7
     assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'qpa.db'}"
-    assert settings.resolved_artifact_dir == tmp_path / "artifacts"
+    assert settings.resolved_artifact_url == str(tmp_path / "artifacts")
+    monkeypatch.setenv("QPA_ARTIFACT_URL", "s3://bucket/some/prefix")
+    monkeypatch.setenv("QPA_WORKER_RESOURCES", "gpu, cpu")
+    settings = Settings(_env_file=None)
+    assert settings.resolved_artifact_url == "s3://bucket/some/prefix"
+    assert settings.worker_queues == [settings.gpu_queue, settings.queue]
+    monkeypatch.setenv("QPA_WORKER_RESOURCES", "tpu")
+    with pytest.raises(ValueError, match="worker_resources"):
+        Settings(_env_file=None)
 
 
 def test_events_are_made_json_safe() -> None:
@@ -224,3 +273,61 @@ def test_migrations_build_exactly_the_models_schema(db: store.Store) -> None:
 
     with db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), store.Base.metadata) == []
+
+
+def test_events_notify_after_commit_and_read_in_order(tmp_path: Path, db: store.Store) -> None:
+    """The notify hook fires once per commit that added events (never for a rollback),
+    and the streams' reads see the events in id order after any cursor."""
+    notified: list[set[str]] = []
+    with db.session() as session:
+        key, _ = store.create_api_key(session, "t")
+    watched = store.Store(db.url, notify=notified.append)
+    try:
+        with watched.session() as session:
+            job = store.create_job(session, owner_id=key.id, config={
+                "method": "qpa", "backend": "statevector", "base_model": "m", "steps": 5})
+        assert notified == []  # nobody can watch a job whose id was not answered yet
+        with watched.session() as session:
+            for step in (1, 2, 3):
+                store.add_event(session, job.id, {"type": "step", "step": step})
+        assert notified == [{job.id}]
+        with pytest.raises(RuntimeError), watched.session() as session:
+            store.add_event(session, job.id, {"type": "step", "step": 99})
+            raise RuntimeError("rolled back")
+        with watched.session() as session:
+            store.add_event(session, job.id, {"type": "step", "step": 4})
+        assert notified == [{job.id}, {job.id}]
+        with watched.reader() as connection:
+            rows = store.events_after(connection, job.id, 0, 100)
+            assert [row.data.get("step") for row in rows] == [None, 1, 2, 3, 4]
+            assert [row.seq for row in rows] == sorted(row.seq for row in rows)
+            assert store.last_event_id(connection, job.id) == rows[-1].seq
+            later = store.events_after(connection, job.id, rows[1].seq, 2)
+            assert [row.data["step"] for row in later] == [2, 3]
+            assert store.job_status(connection, job.id) == "queued"
+            assert store.last_event_id(connection, "job-" + "0" * 24) == 0
+    finally:
+        watched.dispose()
+
+
+def test_status_read_checks_key_and_owner_in_one_query(db: store.Store) -> None:
+    owner, job_id = _job(db)
+    with db.session() as session:
+        other, other_plain = store.create_api_key(session, "other")
+        mine = session.get(store.ApiKey, owner)
+        mine.key_hash = store.hash_key("qpa_mine")  # a plaintext this test knows
+    with db.reader() as connection:
+        row = store.read_job_as(connection, "qpa_mine", job_id)
+        assert (row.key_id, row.id, row.status, row.resource_class) == (
+            owner, job_id, "queued", "cpu")
+        assert store.read_job_as(connection, "qpa_unknown", job_id) is None
+        # Another key's job reads as absent (id None), its key still checked.
+        row = store.read_job_as(connection, other_plain, job_id)
+        assert (row.key_id, row.id) == (other.id, None)
+        assert store.read_job_as(connection, "qpa_mine", "job-nope").id is None
+    with db.session() as session:
+        store.revoke_api_key(session, session.get(store.ApiKey, owner))
+    with db.reader() as connection:
+        row = store.read_job_as(connection, "qpa_mine", job_id)
+        assert "was revoked" in store.key_problem(row.key_id, row.key_revoked_at,
+                                                  row.key_expires_at, store.utcnow())
