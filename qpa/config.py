@@ -21,9 +21,10 @@ from qpa.methods.registry import method_spec, methods
 from qpa.options import Section
 
 #: Quantum operating points: options of more than one section, filled in where the job
-#: leaves them out. Chosen by bench/bench_qpu.py (docs/BENCHMARKS.md, "QPU settings"): the
-#: cheapest shots and update_every, in estimated QPU seconds, that kept >= 95 % of exact
-#: QPA compact's held-out gain. tests/test_qpu_preset.py holds it to the committed result.
+#: leaves them out. bench/bench_qpu.py (docs/BENCHMARKS.md, "QPU settings") picks the
+#: cheapest shots and update_every, in estimated QPU seconds, that keep >= 95 % of exact
+#: QPA compact's held-out gain; until its full run is committed this one is a provisional
+#: guess (tests/test_qpu_preset.py holds it to whichever is true).
 QUANTUM_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qpu-economy": {"quantum": {"shots": 1024}, "qpa": {"update_every": 16}},
 }
@@ -178,7 +179,7 @@ class _JobKeys(Section):
 
     @model_validator(mode="after")
     def _preset_needs_shots(self) -> _JobKeys:
-        if self.quantum.preset and self.backend == "statevector":
+        if self.quantum.preset and parse_backend(self.backend).kind.name == "statevector":
             raise ConfigError("quantum.preset", f"{self.quantum.preset} sets shots, which the "
                               "exact statevector backend does not take; use aer, "
                               "ibm:<name> or ibm-fake:<FakeX>")
