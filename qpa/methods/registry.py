@@ -6,8 +6,8 @@ A method is a package under ``qpa/methods/<name>/`` whose ``__init__`` defines `
 and its name to ``BUILTIN``. The config schema, the trainer, the export and the model card
 ask this registry; nothing else names a method.
 
-Loading a spec imports only the method's options (pydantic): the API process validates a
-job without torch, PEFT or qiskit. The implementation is imported when a job runs.
+Loading a spec imports only the method's options (pydantic): validating a job imports
+no torch, PEFT or qiskit. The implementation is imported when a job runs.
 """
 
 from __future__ import annotations
