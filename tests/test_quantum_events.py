@@ -50,7 +50,7 @@ def test_job_submitted_event_precedes_its_result(backend: str, tiny_llama_dir, d
             else:
                 assert event["runtime_job_id"] is None  # Aer has no Runtime job
         else:
-            assert event["phase"] == "done" and usage == job and event["seconds"] >= 0
+            assert event["phase"] == "done" and usage == job and "seconds" in event
     assert sum(e["circuits"] for e in submitted) == metrics["quantum"]["circuits"]
     # What `qpa finetune` and `qpa jobs watch` print for them.
     assert describe_quantum_job(submitted[0]).startswith(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 from services.client import QPAClient
@@ -114,3 +116,21 @@ def api_key(stack: ServiceStack) -> str:
 def client(stack: ServiceStack, api_key: str) -> Iterator[QPAClient]:
     with stack.client(api_key) as api_client:
         yield api_client
+
+
+@pytest.fixture(scope="module")
+def http(stack: ServiceStack, api_key: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the running API with the session's key (the generous timeout
+    only bounds a hang: estimates on a fake device transpile before they answer)."""
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def train_id(http: httpx.Client, data_files: tuple[Path, Path]) -> str:
+    """The id of the uploaded training file."""
+    with data_files[0].open("rb") as handle:
+        response = http.post("/v1/files", files={"file": ("train.jsonl", handle)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]

@@ -12,21 +12,6 @@ import pytest
 from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_for
 
 
-@pytest.fixture(scope="module")
-def http(stack: ServiceStack, api_key: str) -> httpx.Client:
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {api_key}"},
-                      timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def train_id(http: httpx.Client, data_files: tuple[Path, Path]) -> str:
-    with data_files[0].open("rb") as handle:
-        response = http.post("/v1/files", files={"file": ("train.jsonl", handle)})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 def _error(response: httpx.Response, status: int, *words: str, field: str | None = None
            ) -> str:
     """Assert the one error shape: JSON ``{"detail": str, "field": str | None}``."""

@@ -10,29 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from services import store
 from services.settings import Settings
 
-from .helpers import ServiceStack, job_config
-
-
-@pytest.fixture(scope="module")
-def http(stack: ServiceStack, api_key: str) -> httpx.Client:
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {api_key}"},
-                      timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def train_id(http: httpx.Client, data_files: tuple[Path, Path]) -> str:
-    with data_files[0].open("rb") as handle:
-        response = http.post("/v1/files", files={"file": ("train.jsonl", handle)})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+from .helpers import job_config
 
 
 def test_estimate_of_a_job_body(http: httpx.Client, train_id: str, tiny_llama_dir: Path
