@@ -67,10 +67,23 @@ def _gguf_path(alias: GGUFAlias) -> Path:
     return path
 
 
+def _converted_dir(name: str) -> Path:
+    """Where an alias's converted Hugging Face directory lives (or will)."""
+    cache = os.environ.get("QPA_MODELS")  # lets tests share one converted copy
+    return (Path(cache).expanduser() if cache else qpa_home() / "models") / name
+
+
+def _unknown_model(name: str, error: Exception) -> ConfigError:
+    return ConfigError(
+        "base_model",
+        f"unknown base model {name!r}: not an alias ({', '.join(ALIASES)}), a local "
+        f"Hugging Face directory, or a hub id in the local cache ({error})",
+    )
+
+
 def _materialise_alias(name: str) -> Path:
     """Convert the alias's GGUF into a cached HF directory once; return that directory."""
-    cache = os.environ.get("QPA_MODELS")  # lets tests share one converted copy
-    target = (Path(cache).expanduser() if cache else qpa_home() / "models") / name
+    target = _converted_dir(name)
     if (target / "config.json").is_file():
         return target
     gguf = _gguf_path(ALIASES[name])
@@ -121,18 +134,13 @@ def base_model_config(name: str) -> PretrainedConfig:
     ConfigError naming ``base_model`` when there is none."""
     try:
         if name in ALIASES:
-            cache = os.environ.get("QPA_MODELS")
-            converted = (Path(cache).expanduser() if cache else qpa_home() / "models") / name
+            converted = _converted_dir(name)
             if (converted / "config.json").is_file():
                 return AutoConfig.from_pretrained(converted, local_files_only=True)
             return _alias_config(name)
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ConfigError(
-            "base_model",
-            f"unknown base model {name!r}: not an alias ({', '.join(ALIASES)}), a local "
-            f"Hugging Face directory, or a hub id in the local cache ({error})",
-        ) from None
+        raise _unknown_model(name, error) from None
 
 
 def load_base_model(name: str, device: str | torch.device = "cpu"):
@@ -144,11 +152,7 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
             path, dtype=torch.float32, local_files_only=True
         )
     except (OSError, ValueError) as error:
-        raise ConfigError(
-            "base_model",
-            f"unknown base model {name!r}: not an alias ({', '.join(ALIASES)}), a local "
-            f"Hugging Face directory, or a hub id in the local cache ({error})",
-        ) from None
+        raise _unknown_model(name, error) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
