@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from qpa.config import JobConfig
-
-CHECKPOINT = "checkpoint.pt"
+from qpa.paths import CHECKPOINT
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

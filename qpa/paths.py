@@ -1,9 +1,13 @@
-"""Where QPA keeps state on disk when nothing else is configured (``QPA_HOME``)."""
+"""Where QPA keeps things on disk: ``QPA_HOME`` when nothing else is configured, and the
+names in a job folder that other processes (the service's artifact store) look for."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+#: The training checkpoint inside a job's ``state/`` folder.
+CHECKPOINT = "checkpoint.pt"
 
 
 def qpa_home() -> Path:

@@ -33,7 +33,6 @@ from qpa.data import (
     collate,
     fixed_batches,
     loss_tokens,
-    read_jsonl,
     tokenize_records,
 )
 from qpa.distributed import SINGLE_PROCESS, DataParallel, check_nproc, check_world, launch
@@ -44,6 +43,7 @@ from qpa.exports.plot import LOSS_PLOT, write_loss_plot
 from qpa.methods import method_class
 from qpa.methods.base import AdapterMethod
 from qpa.models import load_base_model, resolve_target_modules
+from qpa.records import read_jsonl
 from qpa.tracking import TensorBoardLog
 
 EventSink = Callable[[dict[str, Any]], None]

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from qpa.data import validate_jsonl
 from qpa.errors import ConfigError
-from qpa.export import CHECKPOINT
+from qpa.paths import CHECKPOINT
+from qpa.records import validate_jsonl
 
 CHUNK = 1024 * 1024
 ADAPTER_ARCHIVE = "adapter.tar.gz"

@@ -33,3 +33,15 @@ def test_no_import_cycles():
             if back:
                 cycles.append(" -> ".join((module, *back)))
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_api_process_starts_without_torch_or_qiskit():
+    # The API validates jobs and uploads; training libraries load only in workers. Loading
+    # torch here once cost the API 2 s and ~190 MiB per process (services.artifacts
+    # reached qpa.data for the JSONL validator).
+    script = ("import sys, api.main\n"
+              "print(sorted(n for n in ('torch', 'transformers', 'peft', 'qiskit') "
+              "if n in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qpa.export import CHECKPOINT
+from qpa.paths import CHECKPOINT
 from services.artifacts import (
     ArtifactStoreError,
     LocalArtifactStore,
