@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from services import store
 from services.backends import BackendInfo
+from services.status import JobStatus
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -109,7 +110,7 @@ class QuantumUsage(BaseModel):
 class JobObject(BaseModel):
     id: str
     object: Literal["job"] = "job"
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     resource_class: Literal["cpu", "gpu"] = Field(
         description="Which workers run it: the config's `resource_class`, else gpu when "
         "`train.device` is cuda, else cpu.")

@@ -4,7 +4,7 @@
 threadpool and SQLAlchemy's execution layer around a one-row SELECT; measured in-process
 on the test PostgreSQL server that was 306 us of CPU per read, against 120 us for the
 same statement on an async psycopg connection in autocommit, prepared once per
-connection. The statement is ``services.store``'s own (``_READ_JOB_AS``), compiled once
+connection. The statement is ``services.store``'s own (``READ_JOB_AS``), compiled once
 for psycopg, so there is still one definition of the query; everything else keeps using
 the SQLAlchemy store. SQLite needs none of this (read in the loop, ``Store.in_process``).
 """
@@ -42,7 +42,7 @@ class AsyncReads:
         # At most ``size`` reads at once, each on an idle connection or a new one.
         self.slots = asyncio.Semaphore(size)
         self.idle: list[Any] = []
-        self.statement = str(store._READ_JOB_AS.compile(dialect=postgresql.psycopg.dialect()))
+        self.statement = str(store.READ_JOB_AS.compile(dialect=postgresql.psycopg.dialect()))
 
     async def read_job_as(self, plaintext_key: str, job_id: str) -> Any:
         """``store.read_job_as`` from the event loop (same row fields, same None)."""

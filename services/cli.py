@@ -20,6 +20,7 @@ from rich.table import Column, Table
 
 from qpa.exports.plot import sparkline
 from services.client import APIError, QPAClient
+from services.status import JobStatus
 
 jobs_app = typer.Typer(help="Submit and follow jobs on a QPA server (QPA_API_URL, QPA_API_KEY).",
                        no_args_is_help=True)
@@ -27,7 +28,6 @@ keys_app = typer.Typer(help="API keys (stored hashed in the server's database)."
                        no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _client() -> QPAClient:
@@ -274,10 +274,10 @@ def _watch(client: QPAClient, job_id: str) -> int:
                 if data.get("message"):
                     progress.console.print(f"[dim]{data['message']}[/dim]")
     job = client.get_job(job_id)
-    colour = {"succeeded": "green", "failed": "red"}.get(job["status"], "yellow")
+    colour = {JobStatus.SUCCEEDED: "green", JobStatus.FAILED: "red"}.get(job["status"], "yellow")
     err.print(f"{job_id}: [{colour}]{job['status']}[/{colour}]"
               + (f" - {job['error']}" if job.get("error") else ""))
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job["status"] == JobStatus.SUCCEEDED else 1
 
 
 def register(app: typer.Typer) -> None:

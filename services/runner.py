@@ -37,6 +37,7 @@ from services.artifacts import open_artifacts as _open_artifacts
 from services.events import EventPublisher
 from services.logs import JobLogger
 from services.settings import Settings, get_settings
+from services.status import JobStatus
 
 logger = logging.getLogger("qpa.runner")
 
@@ -101,8 +102,9 @@ def run_job(job_id: str, settings: Settings | None = None, *,
         config_data = dict(job.config)
         resource_class = job.resource_class
         if job.cancel_requested:
-            _finish(session, job_id, owner, attempt, "cancelled", "cancelled before it started")
-            return "cancelled"
+            _finish(session, job_id, owner, attempt, JobStatus.CANCELLED,
+                    "cancelled before it started")
+            return JobStatus.CANCELLED
         resuming = artifacts.has_checkpoint(job_id)
         store.update_leased_job(session, job_id, owner, world_size=settings.worker_nproc)
         message = f"running on {owner} (attempt {attempt})"
@@ -110,7 +112,7 @@ def run_job(job_id: str, settings: Settings | None = None, *,
             message += f" with {settings.worker_nproc} processes"
         if resuming:
             message += f"; resuming from the checkpoint at step {job.checkpoint_step}"
-        store.add_event(session, job_id, {"type": "status", "status": "running",
+        store.add_event(session, job_id, {"type": "status", "status": JobStatus.RUNNING,
                                           "message": message}, attempt=attempt)
     log.info(message, extra={"attempt": attempt})
 
@@ -291,11 +293,11 @@ class _JobRun:
             self.log.exception("could not store the job's results")
             return self._fail(f"could not store the results in the artifact store: {error}")
         with self.db.session() as session:
-            if not _finish(session, self.job_id, self.owner, self.attempt, "succeeded",
+            if not _finish(session, self.job_id, self.owner, self.attempt, JobStatus.SUCCEEDED,
                            "training finished", metrics=_json_safe(metrics)):
                 return LOST
         self.log.info("job succeeded")
-        return "succeeded"
+        return JobStatus.SUCCEEDED
 
     def _stopped(self, step: int, requeue: Callable[[], None] | None) -> str:
         if self.lease_lost.is_set():
@@ -306,16 +308,16 @@ class _JobRun:
             job = store.get_job(session, self.job_id)
             cancelled = job is not None and job.cancel_requested
             if cancelled:
-                _finish(session, self.job_id, self.owner, self.attempt, "cancelled",
+                _finish(session, self.job_id, self.owner, self.attempt, JobStatus.CANCELLED,
                         f"cancelled at step {step}; checkpoint kept")
                 self.log.info("job cancelled at step %s", step)
-                return "cancelled"
+                return JobStatus.CANCELLED
             # Worker shutdown: hand the job back; the next worker resumes from the
             # checkpoint training just wrote.
-            store.update_leased_job(session, self.job_id, self.owner, status="queued",
+            store.update_leased_job(session, self.job_id, self.owner, status=JobStatus.QUEUED,
                                     lease_owner=None, lease_host=None, lease_pid=None)
             store.add_event(session, self.job_id, {
-                "type": "status", "status": "queued",
+                "type": "status", "status": JobStatus.QUEUED,
                 "message": f"worker shutting down at step {step}; requeued to resume "
                 "from its checkpoint"}, attempt=self.attempt)
         if requeue is not None:
@@ -328,10 +330,10 @@ class _JobRun:
         if not self.lease_lost.is_set():
             self._push_quietly()  # a failed job keeps its last checkpoint and its logs
         with self.db.session() as session:
-            if not _finish(session, self.job_id, self.owner, self.attempt, "failed", error,
+            if not _finish(session, self.job_id, self.owner, self.attempt, JobStatus.FAILED, error,
                            error=error):
                 return LOST
-        return "failed"
+        return JobStatus.FAILED
 
 
 def _finish(session: Any, job_id: str, owner: str, attempt: int, status: str, message: str,

@@ -36,6 +36,7 @@ from services import store
 from services.artifacts import Download
 from services.jobs import prepare_config
 from services.queue import enqueue_job, resource_class_of
+from services.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ServiceRoute,
                    responses=error_responses(401))
@@ -103,9 +104,9 @@ def create_job(
     try:
         enqueue_job(celery, job.id, settings, resource_class)
     except Exception as error:
-        job.status, job.finished_at = "failed", store.utcnow()
+        job.status, job.finished_at = JobStatus.FAILED, store.utcnow()
         job.error = f"could not reach the job queue: {error}"
-        store.add_event(session, job.id, {"type": "status", "status": "failed",
+        store.add_event(session, job.id, {"type": "status", "status": JobStatus.FAILED,
                                           "message": job.error})
         session.commit()
         raise RequestError(status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -145,7 +146,7 @@ SSE_EVENT_SCHEMA = {"oneOf": [
         "event": {"const": "end"},
         "data": {"type": "string", "contentMediaType": "application/json",
                  "contentSchema": {"type": "object", "required": ["status"], "properties": {
-                     "status": {"enum": sorted(store.TERMINAL_STATUSES)}}}}}},
+                     "status": {"enum": sorted(s.value for s in store.TERMINAL_STATUSES)}}}}}},
 ]}
 
 
@@ -192,7 +193,7 @@ def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobObject:
     """Stop a job: a queued one at once, a running one within one training step (its last
     checkpoint is kept). Cancelling a cancelled job is a no-op."""
     job = _owned_job(session, job_id, key.id)
-    if job.status in ("succeeded", "failed"):
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise RequestError(status.HTTP_409_CONFLICT,
                            f"job {job_id} already {job.status}; nothing to cancel")
     return JobObject.of(store.request_cancel(session, job))
@@ -218,7 +219,7 @@ def download_adapter(
 ) -> Response:
     """A succeeded job's adapter in one of the formats it exported."""
     job = _owned_job(session, job_id, key.id)
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise RequestError(status.HTTP_409_CONFLICT,
                            f"job {job_id} is {job.status}; the adapter is available once "
                            "it has succeeded")

@@ -10,6 +10,7 @@ from api.errors import ServiceRoute
 from api.schemas import CapacityObject, WorkerList, WorkerObject, error_responses
 from services import store, workers
 from services.settings import RESOURCE_CLASSES
+from services.status import JobStatus
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=ServiceRoute,
                    responses=error_responses(401))
@@ -22,7 +23,7 @@ def list_workers(_: CurrentKey, session: SessionDep, client: RedisDep) -> Worker
     data = [WorkerObject(**record) for record in workers.list_workers(client)]
     counts = {(resource_class, status): count for resource_class, status, count in
               session.execute(select(store.Job.resource_class, store.Job.status, func.count())
-                              .where(store.Job.status.in_(("queued", "running")))
+                              .where(store.Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
                               .group_by(store.Job.resource_class, store.Job.status))}
     capacity = []
     for resource_class in RESOURCE_CLASSES:
@@ -30,6 +31,6 @@ def list_workers(_: CurrentKey, session: SessionDep, client: RedisDep) -> Worker
         capacity.append(CapacityObject(
             resource_class=resource_class, workers=len(serving),
             slots=sum(worker.concurrency for worker in serving),
-            queued=counts.get((resource_class, "queued"), 0),
-            running=counts.get((resource_class, "running"), 0)))
+            queued=counts.get((resource_class, JobStatus.QUEUED), 0),
+            running=counts.get((resource_class, JobStatus.RUNNING), 0)))
     return WorkerList(data=data, capacity=capacity)

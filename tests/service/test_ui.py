@@ -199,3 +199,16 @@ def test_dashboard_page_is_public_and_locked_down(stack: ServiceStack) -> None:
         assert http.get("/v1/jobs").status_code == 401  # the data still needs a key
         paths = http.get("/openapi.json").json()["paths"]
         assert not [path for path in paths if path.startswith("/ui")]
+
+
+def test_dashboard_knows_the_servers_job_statuses() -> None:
+    # The dashboard's status filter and its "finished" test are written in JavaScript; they
+    # must name exactly the statuses services.status defines.
+    from services.status import TERMINAL_STATUSES, JobStatus
+
+    source = (Path(__file__).resolve().parents[2] / "api" / "ui" / "app.js").read_text()
+    statuses = re.search(r"const STATUSES = \[([^\]]*)\]", source)
+    terminal = re.search(r"const TERMINAL = new Set\(\[([^\]]*)\]\)", source)
+    assert statuses and terminal
+    assert re.findall(r'"(\w+)"', statuses.group(1)) == [status.value for status in JobStatus]
+    assert set(re.findall(r'"(\w+)"', terminal.group(1))) == {s.value for s in TERMINAL_STATUSES}
