@@ -259,15 +259,18 @@ class _JobRun:
             from qpa.training import finetune
 
             self.workspace.pull()
-            for field in ("train_file", "eval_file"):
-                if config_data.get(field):
-                    try:
-                        path = artifacts.upload_path(config_data[field], inputs)
-                    except FileNotFoundError:
-                        raise ConfigError(field, f"uploaded file {config_data[field]} is "
-                                          "gone") from None
-                    config_data[field] = str(path)
+            # The stored config is the API's validated form, server policy applied; it is
+            # read back as is, and only its file ids become this host's paths.
             config = parse_config(config_data)
+            paths = {}
+            for field in ("train_file", "eval_file"):
+                file_id = getattr(config, field)
+                if file_id:
+                    try:
+                        paths[field] = str(artifacts.upload_path(file_id, inputs))
+                    except FileNotFoundError:
+                        raise ConfigError(field, f"uploaded file {file_id} is gone") from None
+            config = config.model_copy(update=paths)
             metrics = finetune(config, self.workspace.dir, on_event=self.on_event,
                                should_stop=self.should_stop, resume=True,
                                nproc=self.settings.worker_nproc)
