@@ -34,11 +34,8 @@ LLAMA_CPP_VERSION = "0.3.36"
 VENV = REPO_ROOT / "bench" / ".venv-llamacpp"
 VENV_PYTHON = VENV / "bin" / "python"
 WORKER = REPO_ROOT / "bench" / "llamacpp_worker.py"
-#: llama.cpp bases and context options. Q4_1 is the shipped file run as users run it
-#: (defaults: F16 KV cache); then the same file with an F32 KV cache; then the weights
-#: de-quantised to F32 with an F32 KV cache and unfused attention, where llama.cpp and
-#: transformers compute the same function (base logits: 9e-5 apart; with the default F16
-#: cache, 1.2e-2).
+#: llama.cpp set-ups (docs/BENCHMARKS.md, section 8): the shipped Q4_1 file as users run it,
+#: with an F32 KV cache, and de-quantised to F32 where both runtimes compute one function.
 LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
     "q4_1": {},
     "q4_1_f32kv": {"type_k": 0, "type_v": 0},  # 0 = GGML_TYPE_F32
@@ -46,18 +43,12 @@ LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
 }
 BASE_LABELS = {"q4_1": "Q4_1", "q4_1_f32kv": "Q4_1, F32 KV cache",
                "f32": "F32, F32 KV cache"}
-#: Largest relative error of llama.cpp's logit change against PEFT's that passes, per base.
-#: On F32 only float rounding separates the runtimes, so this is the exactness check. On
-#: Q4_1 llama.cpp multiplies with Q8-quantised activations (and by default an F16 KV
-#: cache); the same adapter.gguf then deviates by 0.1-0.27 for 6-step jobs at lr 1e-2 --
-#: the quantised runtime's noise, not the export's (the F32 row is the same file). That
-#: tolerance cannot tell a wrong layout apart (the negative control lands at 0.23).
+#: Largest relative error of llama.cpp's logit change against PEFT's that passes: on F32
+#: float rounding (the exactness check), on Q4_1 the quantised runtime's noise (0.1-0.27).
 TOLERANCES = {"q4_1": 0.3, "q4_1_f32kv": 0.3, "f32": 1e-3}
 METHODS = ("lora", "qpa", "compound")
-#: Threads for torch and llama.cpp alike. One by default, as in every bench here: on the
-#: shared 2-core machine, two spinning threads per process stall each other whenever other
-#: jobs hold a core (SmolLM2 training steps took 188 s with two threads at load 8, 12 s
-#: with one).
+#: Threads for torch and llama.cpp: with two per process, SmolLM2 steps took 188 s at load 8
+#: on the shared 2-core machine, 12 s with one.
 THREADS = int(os.environ.get("QPA_BENCH_THREADS", "1"))
 QUIET = True
 OPTIONS = {

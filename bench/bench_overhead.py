@@ -361,7 +361,7 @@ def run(args: Any) -> dict[str, Any]:
     memory: dict[str, Any] | None = None
     if not args.no_memory:  # one fresh interpreter per variant, one after another
         memory = {}
-        common.run_children(NAME, [
+        common.run_children("bench_overhead", [
             {"variant": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "steps": args.memory_steps, "device": args.device, "threads": args.threads}
             for name in names], lambda spec: spec["variant"], memory,
