@@ -287,6 +287,8 @@ def run(args: Any) -> dict[str, Any] | None:
         build_llamacpp()
         python = llamacpp_python()
     if args.build_only:
+        if python is None:
+            raise RuntimeError(f"llama_cpp does not import in {VENV_PYTHON}")
         print(f"llama.cpp runtime: {python}")
         return None
     if python is None:
