@@ -1,29 +1,14 @@
 """Quality frontier: held-out eval loss against trainable parameters, every method tuned alike.
 
-Workload: SmolLM2-135M-Instruct on Python's reference documentation (``pydoc_data.topics``)
-split by topic with ``qpa.datasets`` (a topic is all train or all eval), batch 4 x 128
-tokens, AdamW, cosine schedule with 6 % warm-up, grad clip 1.0. Protocol (issue 8):
-
-1. **Sweep**: every row trains at each learning rate of one grid (the same grid, budget and
-   schedule for every row; seed 0); the rate with the lowest held-out loss is the row's.
-   Where that is the highest rate tried, the row also tries the next half-decade up (1e-1,
-   then 3e-1; at most ``EXTEND`` more), so no method is held back by the grid's edge.
-2. **Final**: every row at its rate, ``--steps`` (default 150) optimiser steps, seeds 0, 1, 2.
-   Ablation rows (``of``) take their parent's rate: they differ from it in one thing only.
-3. **Evaluation**: the exported adapter is loaded by stock ``peft.PeftModel.from_pretrained``
-   on a freshly loaded base model and evaluated on the same fixed held-out 128-token chunks
-   (``--eval-chunks``, default 48) for every row.
-
-LoRA, QPA and compound rows run the product's own path (``qpa.training.finetune``); PEFT VeRA
-and PEFT OFT run in this script's loop on the identical batches, optimiser and schedule
-(``--check-loop`` runs LoRA r=4 through the loop too: it must reproduce ``finetune``).
-
-    python -m bench.bench_frontier                 # full (hours on 2 CPU cores; resumable)
-    python -m bench.bench_frontier --quick         # a smoke test: tiny budget, few rows
-    python -m bench.bench_frontier --docs-only     # table + plot from the committed results
-
-Every finished run is written to ``bench/results/frontier.json`` at once; a restarted run
-skips what is there (a run's key holds its full config, so a changed preset is re-run).
+Issue 8's protocol (docs/BENCHMARKS.md, section 4): a learning-rate sweep for every row (a row
+whose best rate is the highest tried also tries up to ``EXTEND`` half-decades more), then each
+row at its rate for ``--steps`` with seeds 0, 1, 2 (ablation rows, ``of``, take their parent's
+rate), each exported adapter evaluated by stock ``peft.PeftModel.from_pretrained`` on the same
+fixed held-out chunks. LoRA, QPA and compound rows train through ``qpa.training.finetune``;
+PEFT VeRA and OFT in ``_loop`` on the same batches, optimiser and schedule (``--check-loop``
+runs LoRA r=4 there too: it must reproduce ``finetune``). Every finished run is saved to
+``frontier.json`` at once under a key holding its full config, so a restart skips what is done
+and a changed preset is run again; ``--quick`` writes ``frontier_quick.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +19,6 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,25 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO_ROOT,
-    machine_facts,
-    machine_line,
-    markdown_table,
-    print_table,
-    pyplot,
-    quiet_transformers,
-    read_json,
-    results_path,
-    thread_env,
-    write_json,
-)
+from bench import common
+from bench.common import machine_line, read_json, write_json
 
 NAME = "frontier"
 SECTION = "frontier"
 BASE_MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "v_proj"]
 REFERENCE = "lora_r4"
+QUIET = True
+OPTIONS = {
+    "--steps": {"type": int, "default": None, "help": "final budget (default 150)"},
+    "--sweep-steps": {"type": int, "default": None, "help": "default 60"},
+    "--eval-chunks": {"type": int, "default": 48},
+    "--workers": {"type": int, "default": 2, "help": "runs at a time (1 thread each)"},
+    "--check-loop": {"action": "store_true", "help": "also LoRA r=4 in the PEFT loop"},
+    "--rows": {"help": "comma-separated subset of rows (default: all)"},
+}
 
 
 @dataclass(frozen=True)
@@ -273,34 +255,15 @@ def _spec(name: str, lr: float, seed: int, steps: int, s: dict[str, Any],
 
 def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
     """Run what is missing, ``workers`` processes at a time; save after every finished run."""
-    todo = [spec for spec in specs if _key(spec) not in results["runs"]]
-    running: list[tuple[dict[str, Any], subprocess.Popen, Path]] = []
-    while todo or running:
-        while todo and len(running) < workers:
-            spec = todo.pop(0)
-            out = Path(tempfile.mkstemp(suffix=".json")[1])
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.bench_frontier", "--one", json.dumps(spec),
-                 "--out", str(out)], cwd=REPO_ROOT, env=thread_env(spec["threads"]))
-            running.append((spec, process, out))
-        time.sleep(2)
-        for item in list(running):
-            spec, process, out = item
-            if process.poll() is None:
-                continue
-            running.remove(item)
-            key = _key(spec)
-            if process.returncode == 0:
-                results["runs"][key] = {**{k: spec[k] for k in ("row", "lr", "seed", "steps",
-                                                                "loop")},
-                                        **json.loads(out.read_text())}
-                run = results["runs"][key]
-                print(f"{key}: eval loss {run['eval_loss']:.4f} "
-                      f"({run['wall_seconds']:.0f} s)", flush=True)
-            else:
-                print(f"{key}: FAILED (exit {process.returncode})", flush=True)
-            out.unlink(missing_ok=True)
-            _save(results)
+    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
+        key = _key(spec)
+        run = results["runs"][key] = {**{k: spec[k] for k in ("row", "lr", "seed", "steps",
+                                                               "loop")}, **result}
+        print(f"{key}: eval loss {run['eval_loss']:.4f} ({run['wall_seconds']:.0f} s)",
+              flush=True)
+        _save(results)
+
+    common.run_children("bench_frontier", specs, _key, results["runs"], finished, workers)
 
 
 #: Half-decade rates above the grid a row may try when its best rate is the highest tried.
@@ -471,7 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = previous if same else {
         "mode": "quick" if args.quick else "full", "settings": s, "runs": {}}
     results["settings"] = s
-    results["machine"] = machine_facts()
+    results["machine"] = common.machine_facts()
     data_dir = Path(tempfile.mkdtemp(prefix="frontier-data-"))
     train, evaluation = write_pydoc_dataset(data_dir)
     data = {"train": str(train), "eval": str(evaluation)}
@@ -509,152 +472,76 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
         abs(r["eval_loss"] - direct[(r["lr"], r["seed"])]["eval_loss"]) for r in loop
         if (r["lr"], r["seed"]) in direct]}
     _save(results)
-    plot(results)
+    _plot(results)
     return results
+
+
+save = _save  # for bench.common.main: quick runs keep their own file
 
 
 # -- reporting --------------------------------------------------------------------------------
 
 
-def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    summary = results["summary"]
-    headers = ["row", "trainable params", "% of LoRA r=4", "lr", "seeds",
-               "eval loss (mean ± std)", "share of LoRA r=4's gain", "s / step"]
-    out = [["base model", "0", "0", "-", "-", f"{summary['base_eval_loss']:.4f}", "0", "-"]]
+def render_markdown(results: dict[str, Any]) -> str:
+    s, summary = results["settings"], results["summary"]
+    rows = [["base model", "0", "0", "-", "-", f"{summary['base_eval_loss']:.4f}", "0", "-"]]
     for name, row in sorted(summary["rows"].items(),
                             key=lambda item: (ROWS[item[0]].family, item[1]["trainable_params"])):
-        out.append([
+        rows.append([
             ROWS[name].label, f"{row['trainable_params']:,}",
             f"{row.get('params_vs_reference', math.nan):.2%}", f"{row['lr']:g}",
             str(row.get("seeds", len(row["eval_losses"]))),
             f"{row['eval_loss_mean']:.4f} ± {row['eval_loss_std']:.4f}",
             f"{row.get('share_of_reference_gain', math.nan):.1%}",
             f"{row['seconds_per_step']:.2f}"])
-    return headers, out
-
-
-def _cell(loss: float | None) -> str:
-    return "-" if loss is None else f"{loss:.4f}"
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    headers, rows = table(results)
     rates = results.get("rates", {})
     tried = sorted({float(lr) for info in rates.values() for lr in info.get("losses", {})}
                    | set(s["lr_grid"]))
-    sweep_rows = [[ROWS[name].label, *[_cell(info["losses"].get(f"{lr:g}")) for lr in tried],
-                   f"{info['lr']:g}"]
-                  for name, info in rates.items() if "losses" in info]
-    target_rows = [[t["target"], {True: "met", False: "not met", None: "not measured"}[t["met"]],
-                    t["evidence"]] for t in results.get("targets", [])]
-    lines = [
+    sweep = [[ROWS[name].label, *[f"{info['losses'][f'{lr:g}']:.4f}" if f"{lr:g}" in
+                                  info["losses"] else "-" for lr in tried], f"{info['lr']:g}"]
+             for name, info in rates.items() if "losses" in info]
+    verdicts = [[t["target"], {True: "met", False: "not met", None: "not measured"}[t["met"]],
+                 t["evidence"]] for t in results.get("targets", [])]
+    return common.markdown(
         f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
         f" {s['threads']} thread per run, {len(results['runs'])} runs, "
-        f"{sum(r['wall_seconds'] for r in results['runs'].values()) / 3600:.1f} run-hours. "
-        f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, cosine "
-        f"schedule with {s['warmup']:.0%} warm-up, seeds {', '.join(map(str, s['seeds']))}; "
-        f"held-out loss of the exported adapter loaded by stock PEFT on "
-        f"{s['eval_batches'] * s['batch_size']} fixed 128-token chunks.",
-        "", markdown_table(headers, rows), "",
-        f"Learning-rate sweep ({s['sweep_steps']} steps, seed 0, held-out loss; rates above "
-        "the grid are tried only by rows whose best was the highest rate tried, - = not "
-        "tried):", "",
-        markdown_table(["row", *[f"lr {lr:g}" for lr in tried], "chosen"], sweep_rows),
-        "", markdown_table(["target (issue 8)", "verdict", "measured"], target_rows),
-        "", "![Held-out loss against trainable parameters](../bench/results/frontier.png)",
-    ]
-    partial = [ROWS[n].label for n, r in results["summary"]["rows"].items()
-               if r["seeds"] < len(s["seeds"])]
-    missing = [ROWS[n].label for n in ROWS if n not in results["summary"]["rows"]]
-    if partial or missing:
-        lines += ["", "**Partial results.** "
-                  + (f"Fewer than {len(s['seeds'])} seeds so far: {', '.join(partial)}. "
-                     if partial else "")
-                  + (f"No final runs yet: {', '.join(missing)}." if missing else "")]
-    if results["mode"] == "quick":
-        lines += ["", "**Quick mode is a smoke test**: it says every row trains and exports, "
-                  "not how good it is."]
-    return "\n".join(lines)
+        f"{sum(r['wall_seconds'] for r in results['runs'].values()) / 3600:.1f} run-hours; "
+        f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, seeds "
+        f"{', '.join(map(str, s['seeds']))}; sweep {s['sweep_steps']} steps, seed 0; "
+        f"{s['eval_batches'] * s['batch_size']} held-out chunks.",
+        (["row", "trainable params", "% of LoRA r=4", "lr", "seeds", "eval loss (mean ± std)",
+          "share of LoRA r=4's gain", "s / step"], rows),
+        (["row", *[f"lr {lr:g}" for lr in tried], "chosen"], sweep),
+        (["target (issue 8)", "verdict", "measured"], verdicts),
+        plot=("Held-out loss against trainable parameters", NAME))
 
 
-def plot(results: dict[str, Any]) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
+def _plot(results: dict[str, Any]) -> None:
     summary = results["summary"]
-    figure, axis = plt.subplots(figsize=(8, 5), dpi=110)
     families: dict[str, list[tuple[int, float, float, str]]] = {}
     for name, row in summary["rows"].items():
         families.setdefault(ROWS[name].family, []).append(
             (row["trainable_params"], row["eval_loss_mean"], row["eval_loss_std"],
              ROWS[name].label))
-    for family, points in sorted(families.items()):
-        points.sort()
-        xs, ys, errs, labels = zip(*points, strict=True)
-        style = "o" if "ablation" in family else "o-"
-        axis.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=family)
-        if "ablation" in family:
-            for x, y, label in zip(xs, ys, labels, strict=True):
-                axis.annotate(label.split(", ")[-1], (x, y), fontsize=6, alpha=0.7)
-    axis.axhline(summary["base_eval_loss"], color="gray", linestyle="--", label="base model")
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable parameters")
-    axis.set_ylabel("held-out eval loss (mean ± std over seeds)")
-    axis.set_title(f"SmolLM2-135M on held-out pydoc topics, {results['settings']['steps']} "
-                   f"steps ({results['mode']} mode)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.text(0.01, 0.01, machine_line(results["machine"]), fontsize=7, alpha=0.7)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    path = results_path(_name(results), ".png")
-    figure.savefig(path)
-    plt.close(figure)
-    return path
 
+    def draw(axis: Any) -> None:
+        for family, points in sorted(families.items()):
+            xs, ys, errs, labels = zip(*sorted(points), strict=True)
+            axis.errorbar(xs, ys, yerr=errs, fmt="o" if "ablation" in family else "o-",
+                          capsize=3, label=family)
+            if "ablation" in family:
+                for x, y, label in zip(xs, ys, labels, strict=True):
+                    axis.annotate(label.split(", ")[-1], (x, y), fontsize=6, alpha=0.7)
+        axis.axhline(summary["base_eval_loss"], color="gray", linestyle="--", label="base model")
+        axis.set(xscale="log", xlabel="trainable parameters",
+                 ylabel="held-out eval loss (mean ± std over seeds)",
+                 title=f"SmolLM2-135M on held-out pydoc topics, {results['settings']['steps']} "
+                       f"steps ({results['mode']} mode)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="final budget (default 150)")
-    parser.add_argument("--sweep-steps", type=int, default=None, help="default 60")
-    parser.add_argument("--eval-chunks", type=int, default=48)
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--check-loop", action="store_true",
-                        help="also run LoRA r=4 in the PEFT loop (must equal finetune's)")
-    parser.add_argument("--rows", help="comma-separated subset of rows (default: all)")
-    parser.add_argument("--docs-only", action="store_true")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    _quiet()
-    if args.one:
-        Path(args.out).write_text(json.dumps(run_one(json.loads(args.one))))
-        return 0
-    if args.docs_only:
-        results = read_json(NAME)
-        if results is None:
-            print("no bench/results/frontier.json yet", file=sys.stderr)
-            return 1
-        finish(results)
-    else:
-        results = run(args)
-    print_table(*table(results))
-    for target in results["targets"]:
-        verdict = {True: "met", False: "not met", None: "not measured"}[target["met"]]
-        print(f"- {target['target']}: {verdict} "
-              f"({target['evidence']})")
-    return 0
-
-
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    quiet_transformers()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("qpa").setLevel(logging.WARNING)
+    common.save_plot(_name(results), results["machine"], draw, size=(8, 5))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(common.main(sys.modules[__name__]))

@@ -1,43 +1,16 @@
 """adapter.gguf in a real llama.cpp runtime: does it change SmolLM2's logits as PEFT does?
 
-    python -m bench.bench_llamacpp --build    # first time: builds llama-cpp-python (timed)
-    python -m bench.bench_llamacpp [--quick]  # later runs reuse bench/.venv-llamacpp
-    make bench-llamacpp                       # the same as --build
-
-For each method (lora, qpa, compound) a short job fine-tunes SmolLM2-135M-Instruct (the
-product's default base, de-quantised from its Q4_1 GGUF) with ``export: {formats: [peft,
-merged, gguf]}``. Then, on the same token ids:
-
-* PEFT side (this interpreter): logits of the base model and of ``PeftModel`` with the
-  job's adapter, and of the merged folder;
-* llama.cpp side (``bench/llamacpp_worker.py`` in ``bench/.venv-llamacpp``, llama-cpp-python
-  from PyPI compiled here): logits of the Q4_1 GGUF alone and with ``--lora adapter.gguf``.
-
-The base weights are the same numbers on both sides (transformers de-quantises the very
-GGUF llama.cpp runs), but llama.cpp multiplies Q4_1 weights with Q8-quantised activations,
-so raw logits differ by the runtime's own quantisation noise. The comparison is therefore
-on the adapter's *effect*: delta = logits(with adapter) - logits(base), per runtime, and
-
-    relative error = ||delta_llama.cpp - delta_PEFT|| / ||delta_PEFT||   (over all logits)
-
-with the tolerances ``TOLERANCES``, on three llama.cpp set-ups (``LLAMA_OPTIONS``): the
-shipped Q4_1 file with llama.cpp's defaults, the same with an F32 KV cache, and the same
-weights de-quantised to F32 (``dequantised_gguf``), where the two runtimes' base logits
-agree to float rounding and the tolerance is tight. A negative
-control writes the lora job's adapter without the q/k row interleaving llama.cpp's Llama
-layout needs: it loads fine, and on F32 it must fail by orders of magnitude, showing that
-the comparison can tell a wrong layout (on Q4_1 it cannot: the quantisation noise is as
-large as the error a wrong layout causes).
-
-The llama.cpp runtime: ``bench/.venv-llamacpp`` with ``llama-cpp-python==LLAMA_CPP_VERSION``
-built from the PyPI sdist (gcc + cmake, native CPU flags); its build time is recorded in
-``bench/results/llamacpp_build.json`` when ``--build`` builds it. The opt-in test
-``tests/test_llamacpp.py`` runs the same comparison for one short job.
+One short job per method exports ``peft``, ``merged`` and ``gguf``; on the same held-out token
+ids the adapter's effect (logits with it minus logits without) is computed in transformers
+with PEFT and in llama.cpp (``bench/llamacpp_worker.py`` under ``bench/.venv-llamacpp``, built
+by ``--build`` from the llama-cpp-python sdist) on three set-ups (``LLAMA_OPTIONS``), and
+compared by relative error against ``TOLERANCES``; a negative control writes the lora adapter
+without the q/k row interleaving. docs/BENCHMARKS.md, section 8; tests/test_llamacpp.py runs
+the same comparison for one job.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -52,15 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import (
-    REPO_ROOT,
-    machine_facts,
-    machine_line,
-    markdown_table,
-    print_table,
-    read_json,
-    write_json,
-)
+from bench import common
+from bench.common import REPO_ROOT, machine_line, read_json, write_json
 
 NAME = "llamacpp"
 SECTION = "llamacpp"
@@ -68,11 +34,8 @@ LLAMA_CPP_VERSION = "0.3.36"
 VENV = REPO_ROOT / "bench" / ".venv-llamacpp"
 VENV_PYTHON = VENV / "bin" / "python"
 WORKER = REPO_ROOT / "bench" / "llamacpp_worker.py"
-#: llama.cpp bases and context options. Q4_1 is the shipped file run as users run it
-#: (defaults: F16 KV cache); then the same file with an F32 KV cache; then the weights
-#: de-quantised to F32 with an F32 KV cache and unfused attention, where llama.cpp and
-#: transformers compute the same function (base logits: 9e-5 apart; with the default F16
-#: cache, 1.2e-2).
+#: llama.cpp set-ups (docs/BENCHMARKS.md, section 8): the shipped Q4_1 file as users run it,
+#: with an F32 KV cache, and de-quantised to F32 where both runtimes compute one function.
 LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
     "q4_1": {},
     "q4_1_f32kv": {"type_k": 0, "type_v": 0},  # 0 = GGML_TYPE_F32
@@ -80,19 +43,19 @@ LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
 }
 BASE_LABELS = {"q4_1": "Q4_1", "q4_1_f32kv": "Q4_1, F32 KV cache",
                "f32": "F32, F32 KV cache"}
-#: Largest relative error of llama.cpp's logit change against PEFT's that passes, per base.
-#: On F32 only float rounding separates the runtimes, so this is the exactness check. On
-#: Q4_1 llama.cpp multiplies with Q8-quantised activations (and by default an F16 KV
-#: cache); the same adapter.gguf then deviates by 0.1-0.27 for 6-step jobs at lr 1e-2 --
-#: the quantised runtime's noise, not the export's (the F32 row is the same file). That
-#: tolerance cannot tell a wrong layout apart (the negative control lands at 0.23).
+#: Largest relative error of llama.cpp's logit change against PEFT's that passes: on F32
+#: float rounding (the exactness check), on Q4_1 the quantised runtime's noise (0.1-0.27).
 TOLERANCES = {"q4_1": 0.3, "q4_1_f32kv": 0.3, "f32": 1e-3}
 METHODS = ("lora", "qpa", "compound")
-#: Threads for torch and llama.cpp alike. One by default, as in every bench here: on the
-#: shared 2-core machine, two spinning threads per process stall each other whenever other
-#: jobs hold a core (SmolLM2 training steps took 188 s with two threads at load 8, 12 s
-#: with one).
+#: Threads for torch and llama.cpp: with two per process, SmolLM2 steps took 188 s at load 8
+#: on the shared 2-core machine, 12 s with one.
 THREADS = int(os.environ.get("QPA_BENCH_THREADS", "1"))
+QUIET = True
+OPTIONS = {
+    "--build": {"action": "store_true", "help": "build bench/.venv-llamacpp if it is missing"},
+    "--build-only": {"action": "store_true", "help": "only build bench/.venv-llamacpp"},
+    "--methods": {"nargs": "+", "default": list(METHODS), "choices": METHODS},
+}
 
 
 # -- the llama.cpp runtime ---------------------------------------------------------------
@@ -128,7 +91,7 @@ def build_llamacpp() -> dict[str, Any]:
     seconds = time.perf_counter() - started
     facts = {"package": f"llama-cpp-python=={LLAMA_CPP_VERSION}", "seconds": seconds,
              "returncode": result.returncode, "parallel_jobs": env["CMAKE_BUILD_PARALLEL_LEVEL"],
-             "machine": machine_facts()}
+             "machine": common.machine_facts()}
     write_json("llamacpp_build", facts)
     if result.returncode != 0:
         raise RuntimeError(f"building llama-cpp-python failed; see {log}")
@@ -318,11 +281,16 @@ def measure_job(method: str, job: Path, ids: list[list[int]], python: Path,
     return row
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
+def run(args: Any) -> dict[str, Any] | None:
     python = llamacpp_python()
-    if python is None and args.build:
+    if python is None and (args.build or args.build_only):
         build_llamacpp()
         python = llamacpp_python()
+    if args.build_only:
+        if python is None:
+            raise RuntimeError(f"llama_cpp does not import in {VENV_PYTHON}")
+        print(f"llama.cpp runtime: {python}")
+        return None
     if python is None:
         print("llama.cpp runtime not built: run `python -m bench.bench_llamacpp --build` "
               "(compiles llama-cpp-python; about 19 min on 2 cores). Nothing measured.")
@@ -330,9 +298,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from qpa.datasets import write_pydoc_dataset
     from qpa.models import load_base_model
 
+    torch.set_num_threads(THREADS)
     steps = 6 if args.quick else 20
     sequences, length = (4, 48) if args.quick else (8, 96)
-    facts = machine_facts()
+    facts = common.machine_facts()
     workdir = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     try:
         data = write_pydoc_dataset(workdir / "data", max_train=64, max_eval=32)
@@ -368,96 +337,51 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     }
 
 
-# -- the document --------------------------------------------------------------------------
-
-
-def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["method", "adapter.gguf", "max abs logit change (PEFT)", "llama.cpp base",
-               "relative error of the change", "max abs error of the change",
-               "top-1 agreement (base alone)", "llama.cpp s/seq, base → with adapter"]
-    rows = []
+def render_markdown(results: dict[str, Any]) -> str:
+    rows, bases = [], []
     for row in results["rows"]:
         gguf = row["gguf"]
-        for base_name, result in row["bases"].items():
-            timing = result["llamacpp_eval_s"]
-            verdict = "pass" if result["passes"] else "FAIL"
+        for base, result in row["bases"].items():
+            delta, timing = result["delta"], result["llamacpp_eval_s"]
             rows.append([
-                row["method"],
-                f"rank {gguf['rank']}, {gguf['bytes'] / 2**20:.1f} MiB",
-                f"{row['delta_peft_max_abs']:.2f}",
-                BASE_LABELS[base_name],
-                f"{result['delta']['relative_error']:.1e} ({verdict} ≤ "
-                f"{results['tolerances'][base_name]:g})",
-                f"{result['delta']['max_abs_diff']:.1e}",
-                f"{result['top1_agreement_adapted']:.1%} "
-                f"({result['top1_agreement_base']:.1%})",
-                f"{timing['base']:.3f} → {timing[row['method']]:.3f}",
-            ])
-    return headers, rows
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    headers, rows = table(results)
-    build = results.get("build") or {}
-    lines = [
+                row["method"], f"rank {gguf['rank']}, {gguf['bytes'] / 2**20:.1f} MiB",
+                f"{row['delta_peft_max_abs']:.2f}", BASE_LABELS[base],
+                f"{delta['relative_error']:.1e} ({'pass' if result['passes'] else 'FAIL'} ≤ "
+                f"{results['tolerances'][base]:g})", f"{delta['max_abs_diff']:.1e}",
+                f"{result['top1_agreement_adapted']:.1%} ({result['top1_agreement_base']:.1%})",
+                f"{timing['base']:.3f} → {timing[row['method']]:.3f}"])
+    for base in results["tolerances"]:
+        diff = max(row["bases"][base]["base_max_abs_diff_hf_vs_llamacpp"]
+                   for row in results["rows"])
+        for row in [row for row in results["rows"] if "wrong_layout" in row["bases"][base]]:
+            wrong, right = row["bases"][base]["wrong_layout"], row["bases"][base]["delta"]
+            bases.append([BASE_LABELS[base], f"{diff:.1e}", row["method"],
+                          f"{wrong['relative_error']:.2f} ({wrong['correlation']:.3f})",
+                          f"{right['relative_error']:.1e} ({right['correlation']:.4f})"])
+    build = results.get("build")
+    return common.markdown(
         f"Machine: {machine_line(results['machine'])}; llama-cpp-python "
-        f"{results['llama_cpp_python']}; {results['mode']} run, {results['rows'][0]['steps']} "
-        f"training steps per job (lr 1e-2), {results['probe']['sequences']} held-out "
-        f"sequences of {results['probe']['tokens']} tokens.",
-        "",
-        markdown_table(headers, rows),
-        "",
-    ]
-    for row in results["rows"]:
-        for base_name, result in row["bases"].items():
-            if "wrong_layout" in result:
-                wrong = result["wrong_layout"]
-                lines.append(
-                    f"- Negative control on {BASE_LABELS[base_name]}: the {row['method']} adapter "
-                    "written without the q/k row interleaving loads and runs, with relative "
-                    f"error {wrong['relative_error']:.2f} (correlation "
-                    f"{wrong['correlation']:.3f}; the right layout: "
-                    f"{result['delta']['relative_error']:.1e}, "
-                    f"{result['delta']['correlation']:.4f}).")
-    for base_name in results["tolerances"]:
-        diffs = [row["bases"][base_name]["base_max_abs_diff_hf_vs_llamacpp"]
-                 for row in results["rows"]]
-        lines.append(f"- Base logits alone, transformers (fp32) vs llama.cpp on "
-                     f"{BASE_LABELS[base_name]}: max abs difference {max(diffs):.1e}.")
-    merged = [f"{row['method']} {row['merged_vs_peft_max_abs_diff']:.1e}"
-              for row in results["rows"]]
-    lines.append(f"- Merged folder vs PEFT-loaded adapter on SmolLM2 (fp32), max abs logit "
-                 f"difference: {', '.join(merged)}.")
-    if build:
-        lines.append(f"- Building `{build['package']}` from its PyPI sdist took "
-                     f"{build['seconds'] / 60:.1f} min ({build['parallel_jobs']} parallel "
-                     f"compile jobs) on {machine_line(build['machine'])}.")
-    return "\n".join(lines) + "\n"
+        f"{results['llama_cpp_python']}" + (
+            f" (built from its sdist in {build['seconds'] / 60:.1f} min, "
+            f"{build['parallel_jobs']} compile jobs)" if build else "")
+        + f"; {results['mode']} run, {results['rows'][0]['steps']} training steps per job (lr "
+        f"1e-2), {results['probe']['sequences']} held-out sequences of "
+        f"{results['probe']['tokens']} tokens.",
+        (["method", "adapter.gguf", "max abs logit change (PEFT)", "llama.cpp base",
+          "relative error of the change", "max abs error of the change",
+          "top-1 agreement (base alone)", "llama.cpp s/seq, base → with adapter"], rows),
+        (["llama.cpp base", "base logits alone, max abs difference from transformers (fp32)",
+          "negative control", "without the q/k interleaving: relative error (correlation)",
+          "the right layout: relative error (correlation)"], bases),
+        (["method", "merged folder vs PEFT-loaded adapter, max abs logit difference"],
+         [[row["method"], f"{row['merged_vs_peft_max_abs_diff']:.1e}"]
+          for row in results["rows"]]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 steps, 4 short sequences")
-    parser.add_argument("--build", action="store_true",
-                        help="build bench/.venv-llamacpp if llama_cpp is not importable")
-    parser.add_argument("--build-only", action="store_true",
-                        help="only make sure bench/.venv-llamacpp exists (build it if not)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    args = parser.parse_args(argv)
-    if args.build_only:
-        if llamacpp_python() is None:
-            print(f"built in {build_llamacpp()['seconds'] / 60:.1f} min")
-        print(f"llama.cpp runtime: {llamacpp_python()}")
-        return 0 if llamacpp_python() is not None else 1
-    torch.set_num_threads(THREADS)
-    results = run(args)
-    if results is None:
-        return 0
-    write_json(NAME, results)
-    print_table(*table(results))
-    print(render_markdown(results))
-    return 0 if all(row["passes"] for row in results["rows"]) else 1
+def failures(results: dict[str, Any]) -> list[str]:
+    return [f"{row['method']}: llama.cpp's logit change is outside the tolerance"
+            for row in results["rows"] if not row["passes"]]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(common.main(sys.modules[__name__]))

@@ -1,64 +1,29 @@
 """QPU settings: held-out quality of QPA compact under shots, update_every and device noise.
 
-Workload: the quality frontier's (``bench/bench_frontier.py``): SmolLM2-135M-Instruct on
-held-out pydoc topics, QPA ``compact`` at the frontier's learning rate (1e-2), 150 steps of
-batch 4 x 128 tokens, cosine with 6 % warm-up, seed 0; held-out loss of the exported adapter
-loaded by stock PEFT on 48 fixed 128-token chunks.
-
-Rows:
-
-* **exact**: the torch statevector (no shots) at update_every 1, 4, 16, 64;
-* **shots**: Aer's SamplerV2 without noise (``backend: aer``) at 256, 1,024 and 4,096 shots
-  per circuit, for each update_every;
-* **noise**: device noise only reaches p through the circuit, so it is measured with the
-  angles frozen (``qpa.ablation: frozen_angles``, one job of 8 circuits): exact, a noiseless
-  shot sampler and ``ibm-fake:FakeFez`` (qiskit-ibm-runtime's local testing mode with the
-  device's noise model), all at 1,024 shots. Trained-angle runs on the noisy simulator are
-  out of reach locally: one gradient job of compact is 1,544 circuits of 12 qubits, about
-  16 s each in the noisy simulation (docs/QPU.md), some 7 hours per job.
-
-Beside every row: primitive jobs, circuits and shots (from the run's metrics.json) and the
-QPU seconds ``qpa.estimate`` gives for the same run on ``ibm_fez`` (FakeFez's published
-timing). The recommendation is the row with the fewest estimated QPU seconds whose gain
-over the base model is >= 95 % of exact QPA's (statevector, update_every 1); it becomes
-``quantum.preset: qpu-economy`` (tests/test_qpu_preset.py holds the preset to it).
-
-    python -m bench.bench_qpu             # full: 19 runs, resumable (see below)
-    python -m bench.bench_qpu --quick     # smoke test: tiny budget, three rows
-    python -m bench.bench_qpu --docs-only # table from the committed results
-
-Cost of the full run, from its parts measured on 2 shared cores: a 150-step compact run is
-~9.5 min of training; one 1,544-circuit Aer job took 5.7 s at 256 shots and 19.4 s at
-4,096; the noisy frozen-angle row simulates 8 x 1,024 shots of 12 qubits (~10 min). That
-is about 5 run-hours, the update_every 1 rows the longest (up to ~1 h each at 4,096
-shots): ~2.5-3 h with two workers on two idle cores, longer beside other work.
+The quality frontier's workload (QPA compact, lr 1e-2, 150 steps, seed 0, held-out loss of
+the exported adapter through stock PEFT): exact statevector and Aer's noiseless sampler at
+256, 1,024 and 4,096 shots, each at update_every 1, 4, 16, 64; and, with the angles frozen
+(device noise reaches the adapter only through p), exact, noiseless shots and FakeFez's noise
+at 1,024 shots. Each row is priced by ``qpa.estimate`` on ibm_fez; the cheapest that keeps
+``KEEP`` of exact QPA's gain is the recommendation, which ``quantum.preset: qpu-economy`` must
+equal (tests/test_qpu_preset.py). Resumable; ``--quick`` writes ``qpu_quick.json``.
+docs/BENCHMARKS.md, section 9.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO_ROOT,
-    machine_facts,
-    machine_line,
-    markdown_table,
-    print_table,
-    quiet_transformers,
-    read_json,
-    thread_env,
-    write_json,
-)
+from bench import common
+from bench.common import machine_line, read_json, write_json
 
 NAME = "qpu"
 SECTION = "qpu"
@@ -68,6 +33,9 @@ LEARNING_RATE = 1e-2  # the frontier's sweep for QPA compact
 REFERENCE = "exact_ue1"
 KEEP = 0.95  # share of exact QPA's gain a recommended setting must keep
 TIMING_BACKEND = "ibm-fake:FakeFez"  # whose published timing prices every row
+QUIET = True
+OPTIONS = {"--workers": {"type": int, "default": 2, "help": "runs at a time (1 thread each)"},
+           "--rows": {"help": "comma-separated subset of rows (default: all)"}}
 
 
 def _row(kind: str, backend: str, update_every: int, shots: int | None,
@@ -185,36 +153,18 @@ def _key(spec: dict[str, Any]) -> str:
 
 def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
     """Run what is missing, ``workers`` processes at a time; save after every finished run."""
-    todo = [spec for spec in specs if _key(spec) not in results["runs"]]
-    running: list[tuple[dict[str, Any], subprocess.Popen, Path]] = []
-    while todo or running:
-        while todo and len(running) < workers:
-            spec = todo.pop(0)
-            out = Path(tempfile.mkstemp(suffix=".json")[1])
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.bench_qpu", "--one", json.dumps(spec),
-                 "--out", str(out)], cwd=REPO_ROOT, env=thread_env(1))
-            running.append((spec, process, out))
-        time.sleep(2)
-        for item in list(running):
-            spec, process, out = item
-            if process.poll() is None:
-                continue
-            running.remove(item)
-            if process.returncode == 0:
-                run = {"row": spec["row"], **json.loads(out.read_text())}
-                results["runs"][_key(spec)] = run
-                print(f"{spec['row']}: eval loss {run['eval_loss']:.4f}, {run['jobs']} jobs "
-                      f"({run['wall_seconds']:.0f} s)", flush=True)
-            else:
-                print(f"{spec['row']}: FAILED (exit {process.returncode})", flush=True)
-            out.unlink(missing_ok=True)
-            write_json(_name(results), results)
+    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
+        run = results["runs"][_key(spec)] = {"row": spec["row"], **result}
+        print(f"{spec['row']}: eval loss {run['eval_loss']:.4f}, {run['jobs']} jobs "
+              f"({run['wall_seconds']:.0f} s)", flush=True)
+        save(results)
+
+    common.run_children("bench_qpu", specs, _key, results["runs"], finished, workers)
 
 
-def _name(results: dict[str, Any]) -> str:
+def save(results: dict[str, Any]) -> None:
     """Quick runs keep their own (gitignored) file: a smoke test never replaces the numbers."""
-    return NAME if results["mode"] == "full" else f"{NAME}_quick"
+    write_json(NAME if results["mode"] == "full" else f"{NAME}_quick", results)
 
 
 # -- summary --------------------------------------------------------------------------------
@@ -241,51 +191,30 @@ def summarise(results: dict[str, Any]) -> None:
         "estimated_qpu_seconds": best["estimated_qpu_seconds"]}
 
 
-def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def render_markdown(results: dict[str, Any]) -> str:
     from qpa.estimate import format_seconds
 
-    headers = ["row", "held-out loss", "share of exact gain", "jobs", "circuits", "shots",
-               "est. QPU time on ibm_fez", "local wall time"]
     runs = {run["row"]: run for run in results["runs"].values()}
-    out = [["base model", f"{results['summary']['base_eval_loss']:.4f}", "0", "-", "-", "-",
-            "-", "-"]]
-    for name in ROWS:
-        if name not in runs:
-            continue
-        run = runs[name]
-        seconds = run.get("estimated_qpu_seconds")
-        out.append([_label(name), f"{run['eval_loss']:.4f}",
-                    f"{run['share_of_exact_gain']:.1%}", f"{run['jobs']:,}",
-                    f"{run['circuits']:,}", f"{run['shots']:,}",
-                    "exact (no device)" if seconds is None else format_seconds(seconds),
-                    f"{run['wall_seconds'] / 60:.1f} min"])
-    return headers, out
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    headers, rows = table(results)
-    best = results.get("recommendation")
-    verdict = (f"**Cheapest setting keeping >= {KEEP:.0%} of exact QPA's gain: "
-               f"{best['shots']} shots, update_every {best['update_every']}** "
-               f"({best['share_of_exact_gain']:.1%} of the gain, about "
-               f"{best['estimated_qpu_seconds'] / 60:.0f} QPU minutes on ibm_fez): "
-               "`quantum.preset: qpu-economy`." if best else
-               f"No shot setting kept {KEEP:.0%} of exact QPA's gain.")
-    lines = [
+    rows = [["base model", f"{results['summary']['base_eval_loss']:.4f}", "0", "-", "-", "-",
+             "-", "-"]]
+    for name in [name for name in ROWS if name in runs]:
+        run, seconds = runs[name], runs[name].get("estimated_qpu_seconds")
+        rows.append([_label(name), f"{run['eval_loss']:.4f}", f"{run['share_of_exact_gain']:.1%}",
+                     f"{run['jobs']:,}", f"{run['circuits']:,}", f"{run['shots']:,}",
+                     "exact (no device)" if seconds is None else format_seconds(seconds),
+                     f"{run['wall_seconds'] / 60:.1f} min"])
+    best, s = results.get("recommendation"), results["settings"]
+    return common.markdown(
         f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
-        f" 1 thread per run, {len(results['runs'])} runs. QPA compact on SmolLM2-135M q/v, "
-        f"{s['steps']} steps of batch {s['batch_size']} x {s['max_length']} tokens, lr "
-        f"{LEARNING_RATE:g}, seed 0; held-out loss of the exported adapter loaded by stock "
-        f"PEFT on {s['eval_batches'] * s['batch_size']} fixed chunks. QPU time: "
-        "`qpa.estimate` on FakeFez's published timing (circuits x shots x (ISA duration + "
-        "rep delay)), not a measurement.",
-        "", markdown_table(headers, rows), "", verdict,
-    ]
-    if results["mode"] == "quick":
-        lines += ["", "**Quick mode is a smoke test**: it says every kind of row runs, not "
-                  "how good it is."]
-    return "\n".join(lines)
+        f" 1 thread per run, {len(results['runs'])} runs, {s['steps']} steps of batch "
+        f"{s['batch_size']} x {s['max_length']} tokens, lr {LEARNING_RATE:g}, seed 0, "
+        f"{s['eval_batches'] * s['batch_size']} held-out chunks.",
+        (["row", "held-out loss", "share of exact gain", "jobs", "circuits", "shots",
+          "est. QPU time on ibm_fez", "local wall time"], rows),
+        ([f"cheapest setting keeping >= {KEEP:.0%} of exact QPA's gain", "shots",
+          "update_every", "share of the gain", "est. QPU minutes on ibm_fez"],
+         [[best["row"], best["shots"], best["update_every"], f"{best['share_of_exact_gain']:.1%}",
+           f"{best['estimated_qpu_seconds'] / 60:.0f}"] if best else ["none", "-", "-", "-", "-"]]))
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -298,7 +227,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
             "noisy_shots": 64 if quick else 1024}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Any) -> dict[str, Any]:
     from qpa.datasets import write_pydoc_dataset
 
     s = settings_for(args.quick)
@@ -307,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same = previous and previous["settings"] == s
     results = previous if same else {"mode": "quick" if args.quick else "full",
                                      "settings": s, "runs": {}}
-    results["machine"] = machine_facts()
+    results["machine"] = common.machine_facts()
     data_dir = Path(tempfile.mkdtemp(prefix="qpu-data-"))
     train, evaluation = write_pydoc_dataset(data_dir)
     data = {"train": str(train), "eval": str(evaluation)}
@@ -327,40 +256,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def finish(results: dict[str, Any]) -> dict[str, Any]:
     summarise(results)
-    write_json(_name(results), results)
+    save(results)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--rows", help="comma-separated subset of rows (default: all)")
-    parser.add_argument("--docs-only", action="store_true")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    quiet_transformers()
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("qpa").setLevel(logging.WARNING)
-    if args.one:
-        Path(args.out).write_text(json.dumps(run_one(json.loads(args.one))))
-        return 0
-    if args.docs_only:
-        results = read_json(NAME)
-        if results is None:
-            print("no bench/results/qpu.json yet", file=sys.stderr)
-            return 1
-        finish(results)
-    else:
-        results = run(args)
-    print_table(*table(results))
-    print(render_markdown(results).split("\n\n")[-1 if results["mode"] == "full" else -2])
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(common.main(sys.modules[__name__]))

@@ -1,29 +1,39 @@
-"""Helpers every benchmark script shares: machine facts, JSON results, tables, plots, timing.
+"""The benchmark harness: machine facts, result files, interleaved rounds, tables, plots and the
+command line that every ``bench/bench_*.py`` shares.
 
-Every result file carries the machine it was measured on (CPU model, cores, memory,
-load, library versions, date) so that an absolute time is never quoted without it.
-Results go to ``bench/results/<name>.json`` (and ``.png``); ``bench.run_all`` turns them
-into the tables of ``docs/BENCHMARKS.md``.
+A script defines ``NAME`` (its results are ``bench/results/<NAME>.json``), ``SECTION`` (its
+block of docs/BENCHMARKS.md), ``OPTIONS`` (argparse flags -> keyword arguments; a ``QF``
+default differs between quick and full mode), ``run(args) -> results`` and
+``render_markdown(results)``, which returns the block: one settings line, tables and a plot
+link, nothing else (commentary is written by hand outside the markers). Optional hooks:
+``plot``, ``save`` (instead of writing ``<NAME>.json``), ``finish`` (recompute a summary for
+``--docs-only``), ``failures`` (messages that make the exit status 1), ``run_one`` (one run in
+a child process, see ``run_children``) and ``SECTIONS`` (several blocks: section -> results
+name). ``python -m bench.<script>`` is ``main(module)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-
 #: Distributions whose versions every result records when installed.
 TRACKED_PACKAGES = (
     "torch", "numpy", "qiskit", "qiskit-aer", "qiskit-ibm-runtime", "qiskit-machine-learning",
@@ -31,42 +41,20 @@ TRACKED_PACKAGES = (
 )
 
 
-# -- machine facts -------------------------------------------------------------------------
+# -- machine facts: an absolute time is never quoted without them ------------------------------
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
     return None
 
 
-def _cpu_flags() -> list[str]:
-    """The vector-extension flags that decide BLAS kernels (avx2, avx512f, ...)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
-    except OSError:
-        pass
-    return []
-
-
-def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
+def package_versions(names: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
     versions = {}
     for name in names:
         try:
@@ -77,11 +65,13 @@ def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The checkout's short commit, ``+dirty`` when qpa/ or bench/ has changes."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qpa", "bench"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--",
+                                                               "qpa", "bench")
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -91,16 +81,20 @@ def git_commit() -> str | None:
 
 def machine_facts() -> dict[str, Any]:
     """What an absolute time needs beside it: hardware, load, software, date."""
+    memory = _proc_field("/proc/meminfo", "MemTotal")
+    flags = (_proc_field("/proc/cpuinfo", "flags") or "").split()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
     facts: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name")
+        or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "cpu_vector_flags": _cpu_flags(),
-        "memory_gib": _memory_gib(),
+        # The vector extensions that decide BLAS kernels.
+        "cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx"))),
+        "memory_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
         "load_average_at_start": load,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -118,14 +112,14 @@ def machine_facts() -> dict[str, Any]:
 
 
 def machine_line(facts: dict[str, Any]) -> str:
-    """One line naming the machine, for table captions."""
+    """One line naming the machine."""
     return (f"{facts.get('cpu_model')} ({facts.get('cpu_count')} cores, "
             f"{facts.get('memory_gib')} GiB), {facts.get('platform', '').split('-with')[0]}, "
             f"Python {facts.get('python')}, torch {facts.get('packages', {}).get('torch')}, "
             f"{facts.get('date', '')[:10]}")
 
 
-# -- results -------------------------------------------------------------------------------
+# -- result files ------------------------------------------------------------------------------
 
 
 def results_path(name: str, suffix: str = ".json") -> Path:
@@ -135,9 +129,16 @@ def results_path(name: str, suffix: str = ".json") -> Path:
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` atomically (a crash never leaves half a file)."""
+    def jsonable(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"cannot store {type(value).__name__} in JSON")
+
     path = results_path(name)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(data, indent=1, default=jsonable) + "\n")
     tmp.replace(path)
     return path
 
@@ -147,24 +148,11 @@ def read_json(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in JSON")
-
-
-# -- statistics and formatting -------------------------------------------------------------
+# -- numbers and tables ------------------------------------------------------------------------
 
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
-
-
-def spread(values: Sequence[float]) -> tuple[float, float]:
-    """(min, max) of the raw samples; shown beside medians so noise is visible."""
-    return (min(values), max(values)) if values else (math.nan, math.nan)
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -172,9 +160,7 @@ def format_seconds(seconds: float | None) -> str:
         return "-"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def format_ratio(ratio: float | None) -> str:
@@ -183,28 +169,123 @@ def format_ratio(ratio: float | None) -> str:
     return f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+Table = tuple[Sequence[str], Sequence[Sequence[Any]]]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |"
+                              for row in rows])
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-                file=sys.stdout) -> None:
-    """A plain-text table with aligned columns for the terminal."""
-    rows = [[str(cell) for cell in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=file)
+def measured(results: dict[str, Any], details: str) -> str:
+    """The settings line a generated block starts with: when, which mode, what machine, how."""
+    machine = results["machine"]
+    mode = f" ({results['mode']} mode)" if "mode" in results else ""
+    return (f"Measured {machine['date'][:16].replace('T', ' ')} UTC{mode} on "
+            f"{machine_line(machine)}; load average at start "
+            f"{machine.get('load_average_at_start')}; {details}")
 
 
-# -- plots ---------------------------------------------------------------------------------
+def markdown(line: str, *tables: Table, plot: tuple[str, str] | None = None) -> str:
+    """A generated block: the settings line, the tables, and ``plot`` = (alt text, name)."""
+    parts = [line, *(markdown_table(*table) for table in tables)]
+    if plot:
+        parts.append(f"![{plot[0]}](../bench/results/{plot[1]}.png)")
+    return "\n\n".join(parts)
 
 
-def pyplot() -> Any | None:
-    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if missing."""
+# -- timing ------------------------------------------------------------------------------------
+
+
+def rounds(names: Sequence[str], count: int, shuffle: bool = False
+           ) -> Iterator[tuple[int, list[str]]]:
+    """``count`` rounds that each take every contestant once, the order rotated by one per
+    round (or shuffled, seeded by the round), so that a drift of the machine's load hits all
+    contestants alike instead of whichever runs last."""
+    order = list(names)
+    for index in range(count):
+        if shuffle:
+            random.Random(index).shuffle(order)
+            yield index, list(order)
+        else:
+            shift = index % max(len(order), 1)
+            yield index, order[shift:] + order[:shift]
+
+
+def timed(step: Callable[[], Any], device: Any = None) -> float:
+    """Seconds of ``step()``; on a CUDA device the queue is drained before and after."""
+    sync = getattr(device, "type", None) == "cuda"
+    if sync:
+        import torch
+
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if sync:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that pins every math library of a child process to ``threads`` threads."""
+    return {**os.environ, **dict.fromkeys(
+        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+         "RAYON_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"), str(threads))}
+
+
+def quiet() -> None:
+    """Keep transformers' loading bars, tokenizer notes, FutureWarnings and qpa's info logs out
+    of a benchmark's output (child processes inherit the variables)."""
+    import logging
+    import warnings
+
+    os.environ.update({"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"})
+    warnings.filterwarnings("ignore")
+    logging.getLogger("qpa").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def run_children(script: str, specs: list[dict[str, Any]], key: Callable[[dict], str],
+                 done: dict[str, Any], finished: Callable[[dict, dict], None],
+                 workers: int) -> None:
+    """``python -m bench.<script> --one SPEC`` for every spec whose key is not in ``done``,
+    ``workers`` processes at a time (each pinned to ``spec["threads"]``, default 1);
+    ``finished(spec, result)`` after each that succeeds, so a restart resumes."""
+    todo = [spec for spec in specs if key(spec) not in done]
+    running: list[tuple[dict[str, Any], Path, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < workers:
+            spec = todo.pop(0)
+            out = Path(tempfile.mkstemp(suffix=".json")[1])
+            running.append((spec, out, subprocess.Popen(
+                [sys.executable, "-m", f"bench.{script}", "--one", json.dumps(spec), "--out",
+                 str(out)], cwd=REPO_ROOT, env=thread_env(spec.get("threads", 1)))))
+        time.sleep(2)
+        for item in [item for item in running if item[2].poll() is not None]:
+            running.remove(item)
+            spec, out, process = item
+            if process.returncode == 0:
+                finished(spec, json.loads(out.read_text()))
+            else:
+                print(f"{key(spec)}: FAILED (exit {process.returncode})", flush=True)
+            out.unlink(missing_ok=True)
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def save_plot(name: str, machine: dict[str, Any], draw: Callable[..., None], panels: int = 1,
+              size: tuple[float, float] = (7, 4.5), **subplots: Any) -> Path | None:
+    """``bench/results/<name>.png``: ``draw(*axes)`` fills ``panels`` side-by-side axes, the
+    machine goes in the corner. None (with a note) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -213,60 +294,63 @@ def pyplot() -> Any | None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return None
-    return plt
-
-
-def plot_lines(name: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-               title: str, xlabel: str, ylabel: str, logy: bool = True,
-               note: str | None = None) -> Path | None:
-    """Write ``bench/results/<name>.png``; returns None when matplotlib is missing."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for label, (xs, ys) in series.items():
-        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y == y]
-        if points:
-            axis.plot(*zip(*points, strict=True), marker="o", label=label)
-    if logy:
-        axis.set_yscale("log")
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    if note:
-        figure.text(0.01, 0.01, note, fontsize=7, alpha=0.7)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure, axes = plt.subplots(1, panels, figsize=size, dpi=110, **subplots)
+    draw(*(axes if panels > 1 else [axes]))
+    figure.text(0.01, 0.01, machine_line(machine), fontsize=7, alpha=0.7)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     path = results_path(name, ".png")
     figure.savefig(path)
     plt.close(figure)
     return path
 
 
-# -- threads -------------------------------------------------------------------------------
+# -- the command line --------------------------------------------------------------------------
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment that pins every math library of a child process to ``threads`` threads."""
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
-        env[key] = str(threads)
-    return env
+class QF(NamedTuple):
+    """An option's default in quick mode and in full mode."""
+
+    quick: Any
+    full: Any
 
 
-def quiet_transformers() -> None:
-    """Keep transformers' loading bars, tokenizer fork notes and FutureWarnings out of a
-    benchmark's output (each script adds what else it silences)."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+def main(module: ModuleType, argv: list[str] | None = None) -> int:
+    """Parse the common and the script's options; then run, save, plot and print the block
+    (or, with ``--docs-only``, print the block of the committed results)."""
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the quick version (a smoke test)")
+    parser.add_argument("--docs-only", action="store_true",
+                        help=f"only print the tables of bench/results/{module.NAME}.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of run_children
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    for flags, options in getattr(module, "OPTIONS", {}).items():
+        parser.add_argument(*flags.split(), **options)
+    args = parser.parse_args(argv)
+    for key, value in vars(args).items():
+        if isinstance(value, QF):
+            setattr(args, key, value.quick if args.quick else value.full)
+    if getattr(module, "QUIET", False):
+        quiet()
+    if args.one:
+        Path(args.out).write_text(json.dumps(module.run_one(json.loads(args.one))))
+        return 0
+    if args.docs_only:
+        results = read_json(module.NAME)
+        if results is None:
+            print(f"no bench/results/{module.NAME}.json yet", file=sys.stderr)
+            return 1
+        results = getattr(module, "finish", lambda r: r)(results)
+    else:
+        started = time.perf_counter()
+        results = module.run(args)
+        if results is None:
+            return 0
+        getattr(module, "save", lambda r: write_json(module.NAME, r))(results)
+        if hasattr(module, "plot"):
+            module.plot(results)
+        print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)
+    print(module.render_markdown(results))
+    failures = getattr(module, "failures", lambda r: [])(results)
+    for message in failures:
+        print(message, file=sys.stderr)
+    return 1 if failures else 0

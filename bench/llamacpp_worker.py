@@ -1,14 +1,10 @@
 """Logits from a real llama.cpp runtime, with and without LoRA adapters.
 
-Runs inside ``bench/.venv-llamacpp`` (llama-cpp-python built from PyPI; numpy and
-llama_cpp only, nothing of this project), driven by ``bench/bench_llamacpp.py``:
-
-    python bench/llamacpp_worker.py REQUEST.json
-
-REQUEST: ``{"model": base.gguf, "adapters": {label: adapter.gguf}, "ids": [[token ids]],
-"threads": 2, "options": {Llama keyword arguments}, "output": out.npz}``. Writes
-``out.npz`` with one (sequences, tokens, vocab) float32 array per label (``base`` without
-adapter) and ``out.json`` with timings.
+Runs inside ``bench/.venv-llamacpp`` (numpy and llama_cpp only, nothing of this project),
+driven by ``bench/bench_llamacpp.py``: ``python bench/llamacpp_worker.py REQUEST.json``, where
+REQUEST is ``{"model", "adapters": {label: adapter.gguf}, "ids": [[token ids]], "threads",
+"options": {Llama keyword arguments}, "output": out.npz}``. Writes one (sequences, tokens,
+vocab) float32 array per label (``base``: no adapter) to ``out.npz``, timings to ``out.json``.
 """
 
 from __future__ import annotations
@@ -22,34 +18,29 @@ import numpy as np
 from llama_cpp import Llama
 
 
-def logits(model: str, adapter: str | None, ids: list[list[int]], threads: int,
-           options: dict) -> tuple[np.ndarray, dict[str, float]]:
-    started = time.perf_counter()
-    llm = Llama(model_path=model, lora_path=adapter, n_ctx=max(len(s) for s in ids) + 8,
-                n_batch=512, n_threads=threads, n_threads_batch=threads, logits_all=True,
-                seed=0, verbose=False, **options)
-    loaded = time.perf_counter() - started
-    llm.eval(ids[0])  # warm-up: pages the mmapped weights in before anything is timed
-    rows, seconds = [], []
-    for sequence in ids:
-        llm.reset()
-        tic = time.perf_counter()
-        llm.eval(sequence)
-        seconds.append(time.perf_counter() - tic)
-        rows.append(np.array(llm.scores[: len(sequence)], dtype=np.float32))
-    llm.close()
-    return np.stack(rows), {"load_s": loaded, "eval_s_median": float(np.median(seconds)),
-                            "eval_s": seconds}
-
-
 def main() -> int:
     request = json.loads(Path(sys.argv[1]).read_text())
-    arrays: dict[str, np.ndarray] = {}
-    timings: dict[str, dict[str, float]] = {}
+    ids, threads = request["ids"], int(request.get("threads", 2))
+    arrays, timings = {}, {}
     for label, adapter in [("base", None), *request["adapters"].items()]:
-        arrays[label], timings[label] = logits(request["model"], adapter, request["ids"],
-                                               int(request.get("threads", 2)),
-                                               request.get("options", {}))
+        started = time.perf_counter()
+        llm = Llama(model_path=request["model"], lora_path=adapter,
+                    n_ctx=max(len(s) for s in ids) + 8, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, logits_all=True, seed=0, verbose=False,
+                    **request.get("options", {}))
+        loaded = time.perf_counter() - started
+        llm.eval(ids[0])  # warm-up: pages the mmapped weights in before anything is timed
+        rows, seconds = [], []
+        for sequence in ids:
+            llm.reset()
+            tic = time.perf_counter()
+            llm.eval(sequence)
+            seconds.append(time.perf_counter() - tic)
+            rows.append(np.array(llm.scores[: len(sequence)], dtype=np.float32))
+        llm.close()
+        arrays[label] = np.stack(rows)
+        timings[label] = {"load_s": loaded, "eval_s_median": float(np.median(seconds)),
+                          "eval_s": seconds}
     output = Path(request["output"])
     np.savez(output, **arrays)
     output.with_suffix(".json").write_text(json.dumps(timings, indent=1))

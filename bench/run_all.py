@@ -1,25 +1,19 @@
-"""Run every benchmark script present and regenerate the tables of docs/BENCHMARKS.md.
+"""Run every benchmark script and regenerate the tables of docs/BENCHMARKS.md.
 
     python -m bench.run_all [--quick] [--only NAME ...] [--skip NAME ...] [--docs-only]
 
-Each ``bench/bench_*.py`` runs in its own process (``python -m bench.<name> [--quick]``),
-one after another so they never compete for the cores, with its output in
-``bench/results/<name>.log``. A script that fails or runs past its time budget is reported
-and the others still run. Afterwards every generated block of docs/BENCHMARKS.md, i.e. the
-text between ``<!-- BEGIN GENERATED: <section> -->`` and ``<!-- END GENERATED: <section> -->``,
-is rewritten from the JSON results; everything outside those markers is hand-written and
-kept as it is. A section whose results do not exist yet keeps its current text.
-
-A script takes part in the document by defining ``SECTION`` (the marker name), ``NAME``
-(its results are ``bench/results/<NAME>.json``) and ``render_markdown(results) -> str``.
-A script without them is still run, but no block of the document is rewritten from it.
+Each ``bench/bench_*.py`` runs in its own process, one after another so they never compete for
+the cores, with its output in ``bench/results/<name>.log``; one that fails or runs past its
+budget is reported and the others still run. Then every block between ``<!-- BEGIN GENERATED:
+<section> -->`` and ``<!-- END GENERATED: <section> -->`` is rewritten from the JSON results
+(``bench.common`` says what a script provides); the rest of the document is hand-written and
+kept. A section whose results do not exist yet keeps its current text.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import re
 import signal
@@ -34,14 +28,14 @@ from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
     machine_facts,
-    print_table,
+    markdown_table,
+    read_json,
     write_json,
 )
 
 DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
-
-#: Known scripts in running order (cheap first) with their time budgets in seconds,
-#: quick and full. Any other bench/bench_*.py found is run after these with the default.
+#: Scripts in running order (cheap first) with their budgets in seconds, quick and full.
+#: Any other bench/bench_*.py runs after these with DEFAULT_BUDGET.
 SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_qnn_speed": (480, 3600),
     "bench_statevector_versions": (240, 1800),
@@ -50,38 +44,31 @@ SCRIPTS: dict[str, tuple[int, int]] = {
     "bench_overhead": (300, 2400),
     "bench_service": (180, 1200),
     "bench_scaling": (1200, 3600),
-    # full: ~5 run-hours, two at a time: ~2.5-3 h on 2 idle cores (bench_qpu's docstring)
-    "bench_qpu": (600, 8 * 3600),
+    "bench_qpu": (600, 8 * 3600),  # full: ~5 run-hours, two at a time on 2 cores
     "bench_frontier": (900, 86400),  # full: ~10 h on 2 CPU cores, minutes on a GPU
-    # Skips itself (exit 0, no results) until `make bench-llamacpp` has built llama.cpp.
-    "bench_llamacpp": (900, 2400),
+    "bench_llamacpp": (900, 2400),  # skips itself until `make bench-llamacpp` built llama.cpp
 }
 DEFAULT_BUDGET = (300, 3600)
-
-_BLOCK = re.compile(
-    r"(<!-- BEGIN GENERATED: (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- END GENERATED: "
-    r"(?P=name) -->)",
-    re.S,
-)
+_BLOCK = re.compile(r"(<!-- BEGIN GENERATED: (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)"
+                    r"(<!-- END GENERATED: (?P=name) -->)", re.S)
 
 
 def discover() -> list[str]:
     present = {path.stem for path in (REPO_ROOT / "bench").glob("bench_*.py")}
-    ordered = [name for name in SCRIPTS if name in present]
-    return ordered + sorted(present - set(ordered))
+    return [name for name in SCRIPTS if name in present] + sorted(present - set(SCRIPTS))
 
 
 def run_script(name: str, quick: bool) -> dict[str, Any]:
     budget = SCRIPTS.get(name, DEFAULT_BUDGET)[0 if quick else 1]
-    command = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else [])
     log = RESULTS_DIR / f"{name}.log"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     print(f"== {name} ({'quick' if quick else 'full'}, budget {budget} s) -> "
           f"{log.relative_to(REPO_ROOT)}", flush=True)
     start = time.perf_counter()
     with log.open("w") as handle:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else []),
+            cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             returncode = process.wait(timeout=budget)
             status = "ok" if returncode == 0 else f"failed (exit {returncode})"
@@ -91,38 +78,28 @@ def run_script(name: str, quick: bool) -> dict[str, Any]:
             returncode, status = None, f"stopped after its {budget} s budget"
     seconds = time.perf_counter() - start
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-    print(f"   {status} in {seconds:.0f} s" + ("" if status == "ok" else
-                                               "\n   " + "\n   ".join(tail)), flush=True)
+    print(f"   {status} in {seconds:.0f} s"
+          + ("" if status == "ok" else "\n   " + "\n   ".join(tail)), flush=True)
     return {"script": name, "status": status, "returncode": returncode, "seconds": seconds}
 
 
-# -- rendering --------------------------------------------------------------------------
-
-
 def rendered_sections(scripts: list[str]) -> dict[str, str]:
-    """Section name -> markdown, for every script whose results exist."""
+    """Section name -> markdown, for every block whose results exist."""
     sections: dict[str, str] = {}
     for name in scripts:
         try:
             module = importlib.import_module(f"bench.{name}")
+            blocks = getattr(module, "SECTIONS", {module.SECTION: module.NAME})
         except Exception as error:  # a broken script must not stop the others' tables
             print(f"   cannot import bench.{name}: {error}", file=sys.stderr)
             continue
-        renderer = getattr(module, "render_markdown", None)
-        if renderer and hasattr(module, "SECTION") and hasattr(module, "NAME"):
-            path = RESULTS_DIR / f"{module.NAME}.json"
-            if path.exists():
-                try:
-                    sections[module.SECTION] = renderer(json.loads(path.read_text()))
-                except Exception as error:
-                    print(f"   rendering {name} failed: {error}", file=sys.stderr)
-        # A script with more than one block (bench_service: SQLite, PostgreSQL, fan-out).
-        extra = getattr(module, "extra_sections", None)
-        if extra:
+        for section, results_name in blocks.items():
+            results = read_json(results_name)
             try:
-                sections.update(extra())
+                if results is not None:
+                    sections[section] = module.render_markdown(results)
             except Exception as error:
-                print(f"   rendering {name}'s other blocks failed: {error}", file=sys.stderr)
+                print(f"   rendering {section} failed: {error!r}", file=sys.stderr)
     return sections
 
 
@@ -132,18 +109,15 @@ def rewrite_doc(sections: dict[str, str], doc: Path = DOC) -> list[str]:
     replaced: list[str] = []
 
     def substitute(match: re.Match) -> str:
-        name = match.group("name")
-        if name not in sections:
+        if match.group("name") not in sections:
             return match.group(0)
-        replaced.append(name)
-        return f"{match.group(1)}{sections[name].rstrip()}\n{match.group(4)}"
+        replaced.append(match.group("name"))
+        return f"{match.group(1)}{sections[match.group('name')].rstrip()}\n{match.group(4)}"
 
     new_text = _BLOCK.sub(substitute, text)
-    missing = set(sections) - {m.group("name") for m in _BLOCK.finditer(text)}
-    for name in sorted(missing):
-        print(f"   docs/BENCHMARKS.md has no generated block '{name}'; add "
-              f"<!-- BEGIN GENERATED: {name} --> ... <!-- END GENERATED: {name} -->",
-              file=sys.stderr)
+    for name in sorted(set(sections) - {m.group("name") for m in _BLOCK.finditer(text)}):
+        print(f"   docs/BENCHMARKS.md has no block '{name}'; add <!-- BEGIN GENERATED: {name}"
+              f" --> ... <!-- END GENERATED: {name} -->", file=sys.stderr)
     if new_text != text:
         doc.write_text(new_text)
     return replaced
@@ -168,16 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             error = setup_peers.install_main_peers()
             if error:
                 print(f"bench extra: {error}", file=sys.stderr)
-            usable, detail = setup_peers.ensure_tq_venv()
-            print(f"torchquantum venv: {detail}", flush=True)
+            print(f"torchquantum venv: {setup_peers.ensure_tq_venv()[1]}", flush=True)
         started = time.perf_counter()
         runs = [run_script(name, args.quick) for name in selected]
         write_json("run_all", {"mode": "quick" if args.quick else "full",
                                "machine": machine_facts(), "runs": runs,
                                "wall_s": time.perf_counter() - started})
-        print()
-        print_table(["script", "status", "seconds"],
-                    [[r["script"], r["status"], f"{r['seconds']:.0f}"] for r in runs])
+        print("\n" + markdown_table(["script", "status", "seconds"], [
+            [r["script"], r["status"], f"{r['seconds']:.0f}"] for r in runs]))
     replaced = rewrite_doc(rendered_sections(scripts))
     print(f"docs/BENCHMARKS.md: regenerated {', '.join(replaced) or 'nothing'}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1

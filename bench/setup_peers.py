@@ -1,22 +1,9 @@
-"""Install the benchmark peers: the ``bench`` extra here, TorchQuantum in its own venv.
+"""Install the benchmark peers: the ``bench`` extra here, TorchQuantum in ``bench/.venv-tq``.
 
-PennyLane and Qiskit Machine Learning install beside qiskit 2.x (``pip install -e
-'.[bench]'``). TorchQuantum 0.1.8, the simulator the QPA authors used, imports
-qiskit < 1.0 at import time, so it gets ``bench/.venv-tq``. Its declared dependencies
-also pull TensorFlow, pyscf, a CUDA torch and a torchvision whose compiled ops need
-that CUDA torch, none of which its state-vector simulator uses; so the venv installs
-torchquantum without dependencies and then only what ``import torchquantum`` needs:
-
-* torch==2.13.0 first, so pip takes the local CPU wheel (an unpinned torch pulls
-  gigabytes of CUDA packages);
-* qiskit 0.46 + qiskit-aer 0.12 (TorchQuantum imports ``qiskit.providers.aer``) +
-  qiskit-ibm-runtime < 0.24 (imported at module level) + setuptools < 81 (that runtime
-  still imports ``pkg_resources``);
-* torchvision 0.15.2 without dependencies: ``torchquantum.dataset`` imports it at
-  package import; 0.15 only warns when its compiled extension cannot load, while the
-  torchvision matching torch 2.13 on PyPI is built against CUDA torch and fails on import.
-  No torchvision op runs in the benchmark.
-
+TorchQuantum 0.1.8 (the QPA authors' simulator) imports qiskit < 1.0, so it gets its own
+venv. Its declared dependencies pull TensorFlow, pyscf, a CUDA torch and a torchvision built
+for it, none of which its state-vector simulator uses: the venv installs it without
+dependencies and then only what ``import torchquantum`` needs (``TQ_STEPS``).
 ``python -m bench.setup_peers`` does both; ``bench.run_all`` calls it first.
 """
 
@@ -39,14 +26,16 @@ MAIN_PEERS = {"pennylane": "pennylane", "qiskit_machine_learning": "qiskit-machi
 
 TQ_STEPS: list[list[str]] = [
     ["--upgrade", "pip"],
-    ["torch==2.13.0"],
+    ["torch==2.13.0"],  # first, so pip takes the CPU wheel (unpinned: gigabytes of CUDA)
     ["--no-deps", "torchquantum==0.1.8"],
-    # torch pinned again: otherwise pip may "repair" another package's torch requirement
-    # by swapping in a CUDA build.
+    # torch pinned again, or pip "repairs" a requirement with a CUDA build; qiskit-aer
+    # 0.12 for ``qiskit.providers.aer``; runtime < 0.24 is imported at module level and
+    # needs setuptools < 81 (``pkg_resources``).
     ["torch==2.13.0", "qiskit==0.46.3", "qiskit-aer==0.12.2", "qiskit-ibm-runtime<0.24",
      "setuptools<81", "numpy<2.3", "scipy", "matplotlib", "opt-einsum", "dill==0.3.4",
      "pathos", "pylatexenc", "tqdm", "torchdiffeq", "torchpack"],
-    # last, and without dependencies: torchvision 0.15 declares torch==2.0.1
+    # torchquantum.dataset imports torchvision; 0.15 (declaring torch 2.0.1: no deps) only
+    # warns when its compiled ops do not load; the build for torch 2.13 needs CUDA torch.
     ["--no-deps", "torchvision==0.15.2"],
 ]
 
