@@ -9,8 +9,6 @@ s3``) started here (``servers.py``). Timers are short (heartbeat 0.5 s, lease 5 
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from services.client import QPAClient
-from services.embedded import free_port, redis_server_binary
+from services.supervisor import Supervisor
 
 from .helpers import FUZZ_OPERATIONS, FUZZ_STATS, ServiceStack
 from .servers import (
@@ -44,25 +42,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Redis for the whole session; stacks use different database numbers."""
-    data_dir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    process = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir",
-         str(data_dir), "--save", "", "--appendonly", "no", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    root = tmp_path_factory.mktemp("redis")
+    with Supervisor(log_dir=root / "logs") as children:
+        yield children.start_redis(root / "data")
 
 
 @pytest.fixture(scope="session")

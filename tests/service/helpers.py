@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from services import store
 from services.client import QPAClient
-from services.embedded import free_port, terminate_group
+from services.supervisor import (
+    WORKER,
+    Supervisor,
+    free_port,
+    service_env,
+    wait_until,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
 # How long a wait on a state may last before the test calls it a hang. Not a speed
 # claim: on a loaded two-core machine starting an API takes seconds to tens of seconds.
@@ -29,21 +28,7 @@ FUZZ_OPERATIONS: set[str] = set()
 
 def base_env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment for service subprocesses: nothing QPA_ leaks in from outside."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("QPA_", "QISKIT_IBM"))}
-    env.update({
-        "QPA_HOME": str(home),
-        "QPA_LOG_JSON": "true",
-        "PYTHONPATH": str(REPO_ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # Two shared cores: one torch thread per process keeps the workers from fighting.
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    env.update(extra)
-    return env
+    return service_env(home, isolated=True, QPA_LOG_JSON="true", **extra)
 
 
 class ServiceStack:
@@ -56,9 +41,7 @@ class ServiceStack:
                  database_url: str | None = None, **settings: str):
         self.root = root
         self.home = root / "home"
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = base_env(
+        self.children = Supervisor(base_env(
             self.home,
             QPA_BROKER_URL=f"{redis_url}/{db_number}",
             QPA_HEARTBEAT_SECONDS="0.5",
@@ -66,78 +49,54 @@ class ServiceStack:
             QPA_REAP_SECONDS="1",
             QPA_MAX_UPLOAD_BYTES="200000",
             **settings,
-        )
+        ), log_dir=root / "logs")
         self.database_url = database_url or f"sqlite:///{self.home / 'qpa.db'}"
         if database_url:
             self.env["QPA_DATABASE_URL"] = database_url
         self.artifact_dir = self.home / "artifacts"
+        # One port for the stack's life: a restarted API answers at the same URL.
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
         # Create the tables before the processes start (they would race to).
         store.Store(self.database_url).dispose()
 
-    def _spawn(self, name: str, command: list[str],
-               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        return subprocess.Popen(command, env={**self.env, **(env or {})}, cwd=REPO_ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the stack's processes."""
+        return self.children.env
+
+    @property
+    def workers(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The workers started and not stopped or killed: name -> ``subprocess.Popen``."""
+        return self.children.by_role(WORKER)
 
     def start_api(self) -> None:
-        self.api = self._spawn("api", [
-            sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-            "--port", str(self.port), "--log-level", "warning",
-            "--timeout-graceful-shutdown", "2",
-        ])
-        deadline = time.monotonic() + HANG_GUARD
-        while time.monotonic() < deadline:
-            assert self.api.poll() is None, self.log("api")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"API did not come up:\n{self.log('api')}")
+        self.children.start_uvicorn("api", "api.main:app", port=self.port, graceful_shutdown_s=2)
+        self.children.wait_http(f"{self.url}/healthz", HANG_GUARD, watch=["api"])
 
     def start_worker(self, name: str, wait: bool = True,
                      **env: str) -> subprocess.Popen[bytes]:
         """A worker process; ``env`` adds or overrides its variables (``QPA_HOME``,
         ``QPA_HOST_ID``, ``QPA_WORKER_RESOURCES``...)."""
-        process = self._spawn(name, [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
-            "--hostname", f"{name}-{os.getpid()}@%h", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ], env)
-        self.workers[name] = process
+        process = self.children.start_worker(name, heartbeat=False, env=env)
         if wait:
-            wait_for(lambda: " ready." in self.log(name) or process.poll() is not None,
-                     HANG_GUARD,
-                     f"worker {name} ready")
-            assert process.poll() is None, self.log(name)
+            self.children.wait_worker_ready(name, HANG_GUARD, watch=[name])
         return process
 
     def stop_worker(self, name: str) -> None:
         """Warm shutdown (SIGTERM), as a deployment stops a worker."""
-        terminate_group(self.workers.pop(name), 30)
+        self.children.stop(name, 30)
 
     def kill_worker(self, name: str) -> None:
         """SIGKILL the worker and its pool process: no chance to ack, checkpoint or clean up."""
-        process = self.workers.pop(name)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        self.children.kill(name)
 
     def kill_api(self) -> None:
         """SIGKILL the API: open connections drop mid-stream, nothing answers afterwards."""
-        assert self.api is not None
-        os.killpg(self.api.pid, signal.SIGKILL)
-        self.api.wait()
-        self.api = None
+        self.children.kill("api")
 
     def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.children.log(name)
 
     def new_key(self, name: str = "test") -> str:
         db = store.Store(self.database_url)
@@ -150,21 +109,7 @@ class ServiceStack:
         return QPAClient(self.url, key, timeout=30)
 
     def stop(self) -> None:
-        for name, process in list(self.workers.items()):
-            terminate_group(process, 30)
-            self.workers.pop(name)
-        if self.api is not None:
-            terminate_group(self.api, 10)
-
-
-def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        self.children.stop_all()
 
 
 def wait_for_status(client: QPAClient, job_id: str, statuses: tuple[str, ...] = TERMINAL,
@@ -173,7 +118,7 @@ def wait_for_status(client: QPAClient, job_id: str, statuses: tuple[str, ...] = 
         job = client.get_job(job_id)
         return job if job["status"] in statuses else None
 
-    return wait_for(check, timeout, f"job {job_id} to reach {statuses}", 0.25)
+    return wait_until(check, timeout, f"job {job_id} to reach {statuses}", 0.25)
 
 
 def job_config(model_dir: Path, train_id: str, eval_id: str | None = None, *, steps: int = 6,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from services.embedded import free_port
+from services.supervisor import free_port
 
 PG_MISSING = ("PostgreSQL server binaries (initdb, pg_ctl) not found: install them with "
               "`apt-get install postgresql` (Debian/Ubuntu), or put the folder holding them "

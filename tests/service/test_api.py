@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_for
+from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_until
 
 
 def _error(response: httpx.Response, status: int, *words: str, field: str | None = None
@@ -39,7 +39,7 @@ def finished_job(http: httpx.Client, train_id: str, tiny_llama_dir: Path) -> str
         status = http.get(f"/v1/jobs/{job['id']}").json()["status"]
         return status if status in TERMINAL else None
 
-    wait_for(ended, HANG_GUARD, f"job {job['id']} to end")
+    wait_until(ended, HANG_GUARD, f"job {job['id']} to end")
     return job["id"]
 
 

@@ -80,7 +80,7 @@ def test_stream_resumes_where_it_dropped(lone_api: ServiceStack, data_files: tup
 
 
 def test_requests_to_a_server_that_is_not_there_give_up() -> None:
-    from services.embedded import free_port
+    from services.supervisor import free_port
 
     notes: list[str] = []
     client = QPAClient(f"http://127.0.0.1:{free_port()}", "qpa_x", retries=2, backoff=0.01,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_for, wait_for_status
+from .helpers import HANG_GUARD, TERMINAL, ServiceStack, job_config, wait_for_status, wait_until
 
 
 def _parent_pid(pid: int) -> int:
@@ -26,7 +26,7 @@ def _running_job_in_store(db, job_id: str, condition):
             job = store.get_job(session, job_id)
             return job if job.status == "running" and condition(job) else None
 
-    return wait_for(check, HANG_GUARD, f"job {job_id} to reach the state", interval=0.02)
+    return wait_until(check, HANG_GUARD, f"job {job_id} to reach the state", interval=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def two_workers(redis_server: str, tmp_path_factory: pytest.TempPathFactory):
         service.start_worker("worker-b", wait=False)
         service.start_api()
         for name in ("worker-a", "worker-b"):
-            wait_for(lambda name=name: " ready." in service.log(name), HANG_GUARD,
+            wait_until(lambda name=name: " ready." in service.log(name), HANG_GUARD,
                      f"{name} ready")
         yield service
     finally:
@@ -84,7 +84,7 @@ def test_sigkilled_worker_job_resumes_on_another(two_workers: ServiceStack,
                 resumed_at.append(time.monotonic())
             return current if current["status"] in TERMINAL else None
 
-        done = wait_for(finished, HANG_GUARD, "the survivor to finish the job", interval=0.1)
+        done = wait_until(finished, HANG_GUARD, "the survivor to finish the job", interval=0.1)
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 2
         assert min(seen_steps) >= checkpoint, (checkpoint, seen_steps[:20])

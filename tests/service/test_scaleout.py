@@ -33,7 +33,7 @@ from services.client import QPAClient
 from services.queue import resource_class_of
 from services.settings import Settings
 
-from .helpers import HANG_GUARD, ServiceStack, job_config, wait_for, wait_for_status
+from .helpers import HANG_GUARD, ServiceStack, job_config, wait_for_status, wait_until
 from .servers import PostgresServer, S3Server
 
 PREFIX = "deploy"
@@ -132,7 +132,7 @@ def test_job_killed_on_one_host_resumes_on_another_from_the_object_store(
             seen = client.get_job(job["id"])
             return seen if seen["progress"]["checkpoint_step"] else None
 
-        at_kill = wait_for(stored_checkpoint, HANG_GUARD, "host A's first stored checkpoint")
+        at_kill = wait_until(stored_checkpoint, HANG_GUARD, "host A's first stored checkpoint")
         hosts.kill_worker("host-a")
         assert client.get_job(job["id"])["status"] == "running"  # nobody has taken it yet
         # Nothing host A kept on its own disk survives: B can only use the object store.
@@ -199,7 +199,7 @@ def test_resource_class_picks_the_queue_and_workers_show_capacity(
                                            resource_class="gpu"))
         assert job["resource_class"] == "gpu"
         # The idle cpu worker leaves it alone: its message waits on the gpu queue.
-        wait_for(lambda: broker.llen(settings.gpu_queue) == 1, HANG_GUARD,
+        wait_until(lambda: broker.llen(settings.gpu_queue) == 1, HANG_GUARD,
                  "the job's message on the gpu queue")
         assert client.get_job(job["id"])["status"] == "queued"
         # The status read on PostgreSQL (async connections) checks key and owner as well.
@@ -228,7 +228,7 @@ def test_resource_class_picks_the_queue_and_workers_show_capacity(
 
         # A worker that stops cleanly withdraws at once (a dead one when its record expires).
         hosts.stop_worker("gpu-host")
-        wait_for(lambda: "gpu-host" not in {row["host"] for row in
+        wait_until(lambda: "gpu-host" not in {row["host"] for row in
                                             http.get("/v1/workers").json()["data"]},
                  HANG_GUARD, "the stopped gpu worker to leave /v1/workers")
 

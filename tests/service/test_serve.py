@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from services.embedded import free_port
+from services.supervisor import REPO_ROOT, free_port
 
-from .helpers import HANG_GUARD, REPO_ROOT, wait_for
+from .helpers import HANG_GUARD, wait_until
 
 # The real console script (services.cli is mounted into it through the qpa.cli entry
 # point); `python -m services.cli` runs the same commands where it is not installed.
@@ -63,7 +63,7 @@ def test_serve_round_trip_with_the_cli(tmp_path: Path, tiny_llama_dir: Path,
             except httpx.TransportError:
                 return False
 
-        wait_for(healthy, HANG_GUARD, "qpa serve to come up", 0.3)
+        wait_until(healthy, HANG_GUARD, "qpa serve to come up", 0.3)
         assert (home / "qpa.db").is_file() and (home / "redis").is_dir()
 
         config = tmp_path / "job.yaml"
