@@ -9,6 +9,7 @@ from typing import Any
 
 from services import store
 from services.client import QPAClient
+from services.status import TERMINAL_STATUSES
 from services.supervisor import (
     WORKER,
     Supervisor,
@@ -17,7 +18,7 @@ from services.supervisor import (
     wait_until,
 )
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = tuple(TERMINAL_STATUSES)
 # How long a wait on a state may last before the test calls it a hang. Not a speed
 # claim: on a loaded two-core machine starting an API takes seconds to tens of seconds.
 HANG_GUARD = 300.0
