@@ -31,6 +31,13 @@ from typing import Any
 
 from bench import common
 from bench.common import QF, REPO_ROOT, package_versions, write_json
+from services.supervisor import (
+    Supervisor,
+    process_cpu_seconds,
+    redis_server_binary,
+    service_env,
+    wait_until,
+)
 
 NAME = "service"
 SECTION = "service"
@@ -43,8 +50,6 @@ SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "h11", "anyio", "httpx", 
 QUEUE = "qpa"
 LABELS = {"status": "GET /v1/jobs/{id}", "healthz": "GET /healthz", "bare": "bare FastAPI GET",
           "submit": "POST /v1/jobs", "bare_submit": "bare FastAPI POST"}
-# One torch thread per process, as the service tests do: two shared cores.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PAYLOAD_VARIABLE = "QPA_BENCH_PAYLOAD"
 #: The fan-out's "before": main's last commit before it (each SSE stream polls SQL every
 #: 0.5 s). The API connects as API_ROLE, whose statements pg_stat_statements counts.
@@ -97,207 +102,36 @@ def bare_app() -> Any:
     return app
 
 
-# -- process supervision: Stack and its helpers, to be replaced by services' shared supervisor --
+# -- the processes: services.supervisor, as `qpa serve` and the service tests use it ------------
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: SIGTERM it if this script dies, even by SIGKILL
-    # (run_all kills a script over its budget), so no server outlives the benchmark.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class Stack:
-    """Redis, one worker, the API and the bare peer as child processes of this script."""
-
-    def __init__(self, root: Path, database_url: str | None = None):
-        self.root = root
-        self.home = root / "home"
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.database_url = database_url or f"sqlite:///{self.home / 'qpa.db'}"
-        self.redis_port = 0
-        self.api_url = ""
-        self.peer_url = ""
-        self.worker_name = f"bench-{os.getpid()}"
-        self.env: dict[str, str] = {}
-
-    # The environment of every service process: nothing QPA_ leaks in from outside.
-    def make_env(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("QPA_", "QISKIT_IBM"))}
-        env.update({
-            "QPA_HOME": str(self.home),
-            "QPA_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "QPA_ALLOWED_BACKENDS": "statevector",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                        os.environ.get("PYTHONPATH")])),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            **dict.fromkeys(THREAD_VARIABLES, "1"),
-        })
-        if not self.database_url.startswith("sqlite"):
-            env["QPA_DATABASE_URL"] = self.database_url
-        return env
-
-    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
-              cwd: Path = REPO_ROOT) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            command, env=env or self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n"
-                                   f"{self.log(name)[-3000:]}")
-
-    def start_redis(self) -> None:
-        import redis
-
-        from services.embedded import free_port, redis_server_binary
-
-        self.redis_port = free_port()
-        data = self.root / "redis"
-        data.mkdir()
-        # No persistence: the broker's disk writes are not what is measured here.
-        self.spawn("redis", [redis_server_binary(), "--port", str(self.redis_port),
-                             "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
-                             "--appendonly", "no", "--daemonize", "no"], env=dict(os.environ))
-        client = redis.Redis(port=self.redis_port)
-        _wait(lambda: _pings(client), 20, "redis", self.check_alive)
-        self.env = self.make_env()
-
-    def start_api(self, code: Path = REPO_ROOT) -> None:
-        """The API; ``code`` is the source tree it runs (another commit's, for "before")."""
-        from services import store
-        from services.embedded import free_port
-
-        if code == REPO_ROOT:
-            # Create the tables before api and worker start (they would race to).
-            store.Store(self.database_url).dispose()
-        port = free_port()
-        self.api_url = f"http://127.0.0.1:{port}"
-        self.spawn("api", _uvicorn_command("api.main:app", port),
-                   env={**self.env, "PYTHONPATH": str(code)}, cwd=code)
-
-    def start_peer(self, payload: dict[str, Any]) -> None:
-        from services.embedded import free_port
-
-        path = self.root / "payload.json"
-        path.write_text(json.dumps(payload))
-        port = free_port()
-        self.peer_url = f"http://127.0.0.1:{port}"
-        self.spawn("peer", _uvicorn_command("bench.bench_service:bare_app", port, factory=True),
-                   env={**self.env, PAYLOAD_VARIABLE: str(path)})
-
-    def start_worker(self) -> None:
-        # The flags of `qpa serve` (gossip and mingle off: one worker, nothing to sync).
-        self.spawn("worker", [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1",
-            "--queues", QUEUE, "--hostname", f"{self.worker_name}@%h", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle",
-        ])
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        import httpx
-
-        def up(url: str) -> bool:
-            try:
-                return httpx.get(url, timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        if self.api_url:
-            _wait(lambda: up(f"{self.api_url}/healthz"), timeout, "api", self.check_alive)
-        if self.peer_url:
-            _wait(lambda: up(f"{self.peer_url}/ping"), timeout, "peer", self.check_alive)
-        if "worker" in self.processes:
-            _wait(lambda: " ready." in self.log("worker"), timeout, "worker", self.check_alive)
-
-    def pid(self, name: str) -> int:
-        return self.processes[name].pid
-
-    def stop(self) -> None:
-        from services.embedded import terminate_group
-
-        # API first (no new work), then the worker (warm shutdown), then the broker.
-        for name in ("api", "peer", "worker", "redis"):
-            process = self.processes.pop(name, None)
-            if process is not None:
-                terminate_group(process, 30 if name == "worker" else 10)
-        for process in self.processes.values():
-            terminate_group(process, 10)
-        self.processes.clear()
+def service_children(root: Path, database_url: str | None = None) -> Supervisor:
+    """The supervisor of a stack under ``root`` (``home``, ``logs``): nothing QPA_ leaks in
+    from outside, one torch thread per process (two shared cores). The store is SQLite
+    under ``home`` unless ``database_url`` says otherwise; the broker's URL is added once
+    Redis runs."""
+    env = service_env(root / "home", isolated=True, QPA_ALLOWED_BACKENDS="statevector")
+    if database_url is not None:
+        env["QPA_DATABASE_URL"] = database_url
+    return Supervisor(env, log_dir=root / "logs")
 
 
-def _uvicorn_command(app: str, port: int, factory: bool = False) -> list[str]:
-    # The flags `qpa serve` uses (access log off through --log-level warning).
-    return [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []),
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            "--timeout-graceful-shutdown", "5"]
+def start_redis(children: Supervisor, root: Path) -> None:
+    """redis-server without persistence (the broker's disk writes are not what is
+    measured), for the children started after it."""
+    broker = children.start_redis(root / "redis")
+    children.env["QPA_BROKER_URL"] = f"{broker}/0"
 
 
-def _pings(client: Any) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(condition: Callable[[], Any], timeout: float, what: str,
-          check: Callable[[], None] | None = None, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check is not None:
-            check()
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def build_tiny_model(directory: Path) -> Path:
-    """A random 2-layer Llama with a 384-token BPE tokenizer trained on Python's docs (the
-    recipe of tests/conftest.py): the job trains in seconds and nothing downloads."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def tiny_model(directory: Path) -> Path:
+    """``qpa.tiny_models``' Llama (the service tests' model): the job trains in seconds and
+    nothing downloads."""
     from transformers.utils import logging as hf_logging
 
-    from qpa.datasets import pydoc_topics
+    from qpa.tiny_models import build_tiny_llama
 
     hf_logging.disable_progress_bar()  # keep "Writing model shards" bars out of the output
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(list(pydoc_topics().values())[:40], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=384, max_position_embeddings=256,
-        eos_token_id=1, pad_token_id=2, bos_token_id=None, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return build_tiny_llama(directory)
 
 
 class WorkerControl:
@@ -337,25 +171,6 @@ class WorkerControl:
 
 
 # -- setup and the store -------------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _group_cpu_seconds(pgid: int) -> float:
-    """CPU seconds of the live processes of a process group (the worker and its pool child):
-    did the idle worker take cores from the API while it was measured?"""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
 
 def upload(api_url: str, headers: dict[str, str], path: Path, records: int) -> str:
     """Upload ``records`` pydoc topics as a JSONL training file; returns its file id."""
@@ -418,14 +233,12 @@ def run_real_job(api_url: str, key: str, body: dict[str, Any],
             job = client.get(f"/v1/jobs/{job_id}").json()
             return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
-        job = _wait(finished, timeout, f"job {job_id} to finish", interval=0.25)
+        job = wait_until(finished, timeout, f"job {job_id} to finish", 0.25)
     return job, time.monotonic() - started
 
 
 def redis_version() -> str | None:
     """"Redis server v=6.2.14 sha=..." -> "redis-server 6.2.14"."""
-    from services.embedded import redis_server_binary
-
     try:
         out = subprocess.run([redis_server_binary(), "--version"], capture_output=True,
                              text=True, timeout=10).stdout
@@ -510,12 +323,12 @@ async def _run_slice(target: Target, clients: int, max_requests: int, max_second
     try:  # the warm-up opens every connection and warms the server's caches
         await asyncio.gather(*(one(s, record=False) for s in sessions
                                for _ in range(warmup_per_client)))
-        cpu_before, client_before = _cpu_seconds(target.server_pid), time.process_time()
+        cpu_before, client_before = process_cpu_seconds(target.server_pid), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(s, started + max_seconds) for s in sessions))
         result.wall_s = time.perf_counter() - started
         result.client_cpu_s = time.process_time() - client_before
-        result.server_cpu_s = _cpu_seconds(target.server_pid) - cpu_before
+        result.server_cpu_s = process_cpu_seconds(target.server_pid) - cpu_before
     finally:
         await asyncio.gather(*(s.aclose() for s in sessions))
     return result
@@ -580,6 +393,7 @@ def run(args: Any) -> dict[str, Any] | None:
 
 
 def run_service(args: Any) -> dict[str, Any]:
+    from services import store
     from tests.service.servers import PostgresServer, postgres_bin_dir
 
     # Per phase (one target at one concurrency, all rounds): at most requests, seconds.
@@ -594,7 +408,9 @@ def run_service(args: Any) -> dict[str, Any]:
             raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
         pg = PostgresServer(postgres_bin_dir())
         pg.start()
-    stack = Stack(root, pg.database("bench") if pg else None)
+    database_url = pg.database("bench") if pg else f"sqlite:///{root / 'home' / 'qpa.db'}"
+    children = service_children(root, database_url if pg else None)
+    worker_name = f"bench-{os.getpid()}"
     timings: dict[str, float] = {}
 
     def phases(targets: list[Target], cap: tuple[int, float],
@@ -602,7 +418,7 @@ def run_service(args: Any) -> dict[str, Any]:
         """Every level's rounds, each a shuffled slice per target; returns the summaries,
         the created job ids and the worker's CPU meanwhile."""
         out: dict[str, dict[str, Any]] = {target.name: {} for target in targets}
-        created, cpu, wall = [], _group_cpu_seconds(stack.pid("worker")), time.perf_counter()
+        created, cpu, wall = [], children.cpu_seconds("worker"), time.perf_counter()
         for clients in levels:
             slices: dict[str, list[Slice]] = {target.name: [] for target in targets}
             for _, order in common.rounds([t.name for t in targets], args.rounds, shuffle=True):
@@ -613,56 +429,62 @@ def run_service(args: Any) -> dict[str, Any]:
             for name, pieces in slices.items():
                 out[name][str(clients)] = summarise(pieces)
                 created += [job_id for piece in pieces for job_id in piece.created_ids]
-            stack.check_alive()
+            children.check_alive()
             print(f"x{clients}: " + "; ".join(
                 f"{name} p50 {by[str(clients)]['latency_ms']['p50']:.1f} ms "
                 f"{by[str(clients)]['per_second']:.0f}/s err {by[str(clients)]['errors']}"
                 for name, by in out.items()), flush=True)
-        return out, created, {"cpu_s": _group_cpu_seconds(stack.pid("worker")) - cpu,
+        return out, created, {"cpu_s": children.cpu_seconds("worker") - cpu,
                               "wall_s": time.perf_counter() - wall}
 
     try:
         mark = time.perf_counter()
-        stack.start_redis()
-        stack.start_api()
-        stack.start_worker()
-        model_dir = build_tiny_model(root / "tiny-llama")  # while the API and worker import
-        stack.wait_ready()
+        start_redis(children, root)
+        # Create the tables before the API and the worker start (they would race to).
+        store.Store(database_url).dispose()
+        api_url = children.start_uvicorn("api", "api.main:app")
+        children.start_worker("worker", f"{worker_name}@%h", queues=[QUEUE])
+        model_dir = tiny_model(root / "tiny-llama")  # while the API and worker import
+        children.wait_http(f"{api_url}/healthz")
+        children.wait_worker_ready("worker")
         timings["start_services_s"] = time.perf_counter() - mark
-        key = in_store(stack.database_url,
+        key = in_store(database_url,
                        lambda store, session: store.create_api_key(session, "bench")[1])
         headers = {"Authorization": f"Bearer {key}"}
-        body = job_body(model_dir, upload(stack.api_url, headers, root / "train.jsonl", 16))
+        body = job_body(model_dir, upload(api_url, headers, root / "train.jsonl", 16))
         print("one real job through the worker ...", flush=True)
-        job, timings["real_job_s"] = run_real_job(stack.api_url, key, body, 180.0)
+        job, timings["real_job_s"] = run_real_job(api_url, key, body, 180.0)
         mark = time.perf_counter()
-        stack.start_peer(job)
-        stack.wait_ready()
+        payload = root / "payload.json"
+        payload.write_text(json.dumps(job))
+        peer_url = children.start_uvicorn("peer", "bench.bench_service:bare_app", factory=True,
+                                          env={PAYLOAD_VARIABLE: str(payload)})
+        children.wait_http(f"{peer_url}/ping")
         timings["start_peer_s"] = time.perf_counter() - mark
-        api, peer, path = stack.pid("api"), stack.pid("peer"), f"/v1/jobs/{job['id']}"
-        reads = [Target("status", stack.api_url, "GET", path, 200, api, headers),
-                 Target("healthz", stack.api_url, "GET", "/healthz", 200, api),
-                 Target("bare", stack.peer_url, "GET", path, 200, peer)]
-        submits = [Target("submit", stack.api_url, "POST", "/v1/jobs", 201, api, headers, body),
-                   Target("bare_submit", stack.peer_url, "POST", "/v1/jobs", 201, peer,
+        api, peer, path = children.pid("api"), children.pid("peer"), f"/v1/jobs/{job['id']}"
+        reads = [Target("status", api_url, "GET", path, 200, api, headers),
+                 Target("healthz", api_url, "GET", "/healthz", 200, api),
+                 Target("bare", peer_url, "GET", path, 200, peer)]
+        submits = [Target("submit", api_url, "POST", "/v1/jobs", 201, api, headers, body),
+                   Target("bare_submit", peer_url, "POST", "/v1/jobs", 201, peer,
                           body=body)]
         read_results, _, worker_reads = phases(reads, read_cap, args.concurrency)
-        control = WorkerControl(stack.env["QPA_BROKER_URL"],
-                                f"{stack.worker_name}@{os.uname().nodename}")
+        control = WorkerControl(children.env["QPA_BROKER_URL"],
+                                f"{worker_name}@{os.uname().nodename}")
         try:  # the worker stays up but does not train the submitted jobs meanwhile
             control.stop_consuming()
             queued_before = control.queued_messages()
             submit_results, created, worker_submits = phases(submits, submit_cap,
                                                              args.concurrency)
             queued = control.queued_messages() - queued_before
-            counts = in_store(stack.database_url,
+            counts = in_store(database_url,
                               lambda store, session: store.count_jobs_by_status(session))
             # Does a status read slow down once the table holds every submitted job?
             after_clients = 4 if 4 in args.concurrency else args.concurrency[0]
             reads_after: dict[str, Any] = {name: by[str(after_clients)] for name, by in phases(
                 [reads[0], reads[2]], read_cap, [after_clients])[0].items()}
             reads_after["clients"] = after_clients
-            cancelled = in_store(stack.database_url, cancel_queued)
+            cancelled = in_store(database_url, cancel_queued)
             control.start_consuming()
             mark, remaining = time.perf_counter(), queued
             while time.perf_counter() < mark + drain_seconds:  # the worker skips each message
@@ -675,16 +497,16 @@ def run_service(args: Any) -> dict[str, Any]:
                      "per_second": (queued - remaining) / seconds if seconds else math.nan}
         finally:
             control.close()
-        final_counts = in_store(stack.database_url,
+        final_counts = in_store(database_url,
                                 lambda store, session: store.count_jobs_by_status(session))
-        stack.check_alive()
+        children.check_alive()
     except Exception:
         for name in ("api", "worker", "peer"):
-            if tail := stack.log(name)[-2000:]:
+            if tail := children.log(name)[-2000:]:
                 print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
         raise
     finally:
-        stack.stop()
+        children.stop_all()  # the API and the peer, the worker, Redis
         if pg is not None:
             pg.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -744,8 +566,8 @@ async def _watch(url: str, headers: dict[str, str], job_id: str, seen: dict[int,
                 opened.set()
 
 
-async def _fanout_level(stack: Stack, pg: Any, database: str, engine: Any, publisher: Any,
-                        headers: dict[str, str], job_id: str, watchers: int,
+async def _fanout_level(api_url: str, api_pid: int, pg: Any, database: str, engine: Any,
+                        publisher: Any, headers: dict[str, str], job_id: str, watchers: int,
                         args: Any) -> dict[str, Any]:
     """``watchers`` SSE clients on one job while ``args.events`` events are committed at
     ``args.rate`` per second. Bounded waits: a server that cannot serve them all is
@@ -773,14 +595,14 @@ async def _fanout_level(stack: Stack, pg: Any, database: str, engine: Any, publi
 
     seen: dict[int, int] = {}
     opened = [asyncio.Event() for _ in range(watchers)]
-    tasks = [asyncio.create_task(_watch(stack.api_url, headers, job_id, seen, index,
+    tasks = [asyncio.create_task(_watch(api_url, headers, job_id, seen, index,
                                         opened[index])) for index in range(watchers)]
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in opened)),
                                FANOUT_WAIT_S)
     streams_opened = sum(event.is_set() for event in opened)
     await asyncio.sleep(1.0)  # past the replay: every watcher is following live
-    cpu_before = _cpu_seconds(stack.pid("api"))
+    cpu_before = process_cpu_seconds(api_pid)
     statements_before = await asyncio.to_thread(statements)
     started, last = time.perf_counter(), 0
     for index in range(args.events):  # paced like a training job's step events
@@ -796,7 +618,7 @@ async def _fanout_level(stack: Stack, pg: Any, database: str, engine: Any, publi
             break
         await asyncio.sleep(0.01)
     wall = time.perf_counter() - started
-    cpu = _cpu_seconds(stack.pid("api")) - cpu_before
+    cpu = process_cpu_seconds(api_pid) - cpu_before
     count = await asyncio.to_thread(statements) - statements_before
     got_all = delivered()
     # A final status event closes every stream (not measured).
@@ -813,51 +635,55 @@ async def _fanout_level(stack: Stack, pg: Any, database: str, engine: Any, publi
             "statements": count, "statements_per_event": count / args.events}
 
 
-def _fanout_variant(variant: str, code: Path, pg: Any, redis_port: int, root: Path,
+def _fanout_variant(children: Supervisor, variant: str, code: Path, pg: Any, root: Path,
                     model_dir: Path, args: Any) -> dict[str, Any]:
-    """One API (this tree or ``before``) on its own PostgreSQL database, watched by each
-    number of SSE clients in turn (a queued job per level; no worker runs)."""
+    """One API (this tree or ``before``, run from its own tree) on its own PostgreSQL
+    database, watched by each number of SSE clients in turn (a queued job per level; no
+    worker runs)."""
     import httpx
     from sqlalchemy import create_engine, insert, update
 
     from services import store
     from services.events import EventPublisher
 
-    database = f"fanout_{variant}"
-    stack = Stack(root / variant, pg.database(database, owner=API_ROLE))
-    stack.redis_port = redis_port
-    stack.env = stack.make_env()
+    database, name = f"fanout_{variant}", f"api-{variant}"
+    database_url = pg.database(database, owner=API_ROLE)
     results: dict[str, Any] = {}
     engine = create_engine(pg.url(database))  # the bench writes as another role
-    publisher = EventPublisher(stack.env["QPA_BROKER_URL"])
+    publisher = EventPublisher(children.env["QPA_BROKER_URL"])
     try:
-        stack.start_api(code)
-        stack.wait_ready()
+        if code == REPO_ROOT:
+            store.Store(database_url).dispose()  # the tables, before the API starts
+        api_url = children.start_uvicorn(name, "api.main:app", cwd=code, env={
+            "QPA_HOME": str(root / variant / "home"), "QPA_DATABASE_URL": database_url,
+            "PYTHONPATH": str(code)})
+        children.wait_http(f"{api_url}/healthz")
         plaintext = f"{store.KEY_PREFIX}{os.urandom(16).hex()}"
         with engine.begin() as connection:  # a key, in the columns both versions have
             connection.execute(insert(store.ApiKey.__table__).values(
                 id=store.new_id("key"), name="bench", key_hash=store.hash_key(plaintext),
                 prefix=plaintext[:12], created_at=store.utcnow()))
         headers = {"Authorization": f"Bearer {plaintext}"}
-        file_id = upload(stack.api_url, headers, root / f"{variant}.jsonl", 8)
+        file_id = upload(api_url, headers, root / f"{variant}.jsonl", 8)
         for watchers in args.watchers:
-            created = httpx.post(f"{stack.api_url}/v1/jobs", headers=headers, timeout=30,
+            created = httpx.post(f"{api_url}/v1/jobs", headers=headers, timeout=30,
                                  json=job_body(model_dir, file_id))
             created.raise_for_status()
             entry = results[str(watchers)] = asyncio.run(_fanout_level(
-                stack, pg, database, engine, publisher, headers, created.json()["id"],
-                watchers, args))
+                api_url, children.pid(name), pg, database, engine, publisher, headers,
+                created.json()["id"], watchers, args))
             if entry["streams_opened"] < watchers:
-                print(f"--- api log (tail) ---\n{stack.log('api')[-3000:]}", file=sys.stderr)
+                print(f"--- api log (tail) ---\n{children.log(name)[-3000:]}", file=sys.stderr)
             print(f"fan-out {variant} x{watchers}: {entry['server_cpu_ms_per_event']:.2f} ms "
                   f"CPU and {entry['statements_per_event']:.1f} statements per event; "
                   f"{entry['streams_with_every_event']} of {entry['streams_opened']} streams "
                   f"got every event, {entry['streams_failed']} failed", flush=True)
-            stack.check_alive()
+            children.check_alive()
         with engine.begin() as connection:
             connection.execute(update(store.Job.__table__).values(status="cancelled"))
     finally:
-        stack.stop()
+        if name in children.children:
+            children.stop(name)
         publisher.close()
         engine.dispose()
     return results
@@ -872,14 +698,14 @@ def run_fanout(args: Any) -> dict[str, Any] | None:
     if postgres_bin_dir() is None:
         raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
     pg = PostgresServer(postgres_bin_dir(), "-c shared_preload_libraries=pg_stat_statements")
-    redis_stack = Stack(root / "redis-only")
+    children = service_children(root)
     results: dict[str, Any] = {}
     try:
         pg.start()
         pg.execute(f'CREATE ROLE "{API_ROLE}" LOGIN')
         pg.execute("CREATE EXTENSION pg_stat_statements")  # counts are cluster-wide
-        redis_stack.start_redis()
-        model_dir = build_tiny_model(root / "tiny-llama")
+        start_redis(children, root)
+        model_dir = tiny_model(root / "tiny-llama")
         before = root / "before-tree"  # the source of that commit as plain files
         before.mkdir(parents=True)
         subprocess.run(["tar", "-x", "-C", str(before)], check=True, input=subprocess.run(
@@ -887,10 +713,10 @@ def run_fanout(args: Any) -> dict[str, Any] | None:
             capture_output=True).stdout)
         for variant, code in (("before", before), ("after", REPO_ROOT)):
             if variant in args.variants:
-                results[variant] = _fanout_variant(variant, code, pg, redis_stack.redis_port,
-                                                   root, model_dir, args)
+                results[variant] = _fanout_variant(children, variant, code, pg, root,
+                                                   model_dir, args)
     finally:
-        redis_stack.stop()
+        children.stop_all()
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
     if set(results) != {"before", "after"}:

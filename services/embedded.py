@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 
-from services import supervisor
 from services.logs import configure_logging
 from services.settings import Settings, get_settings
 from services.store import Store
@@ -25,10 +24,6 @@ from services.supervisor import Supervisor, service_env
 from services.workers import gpu_count
 
 logger = logging.getLogger("qpa.serve")
-# bench/bench_service.py imports these from here until it moves to services.supervisor.
-free_port = supervisor.free_port
-redis_server_binary = supervisor.redis_server_binary
-terminate_group = supervisor.terminate_group
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> int:
