@@ -95,5 +95,7 @@ class QpaOptions(PresetSection):
         default="none",
         description="For measuring what the circuit contributes: frozen_angles holds p at the "
         "initial angles; constant_p feeds the uniform p (the MLP sees the bits only); "
-        "random_p feeds an untrained Porter-Thomas draw. None of them trains angles.",
+        "random_p feeds an untrained Porter-Thomas draw. None of them trains angles. "
+        "frozen_angles is also quantum.preset qpu-economy's choice: one primitive job per run, "
+        "and on shot-based backends it beat trained angles (docs/BENCHMARKS.md, QPU settings).",
     )
