@@ -133,8 +133,9 @@ def _loop(kind: str, peft_options: dict[str, Any], config: dict[str, Any],
     from peft import LoraConfig, OFTConfig, VeraConfig, get_peft_model
 
     from qpa.config import parse_config
-    from qpa.data import StepBatches, read_jsonl, tokenize_records
+    from qpa.data import StepBatches, tokenize_records
     from qpa.models import load_base_model
+    from qpa.records import read_jsonl
     from qpa.training import lr_schedule, seed_everything
 
     job = parse_config(config)
@@ -168,8 +169,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
-    from qpa.data import fixed_batches, read_jsonl, tokenize_records
+    from qpa.data import fixed_batches, tokenize_records
     from qpa.models import load_base_model
+    from qpa.records import read_jsonl
     from qpa.training import finetune
 
     torch.set_num_threads(spec["threads"])

@@ -158,7 +158,7 @@ def dequantised_gguf(source: Path, destination: Path) -> Path:
 
 def probe_ids(tokenizer: Any, eval_file: Path, sequences: int, length: int) -> list[list[int]]:
     """``sequences`` windows of ``length`` tokens from held-out text (no special tokens)."""
-    from qpa.data import read_jsonl
+    from qpa.records import read_jsonl
 
     ids: list[list[int]] = []
     for record in read_jsonl(str(eval_file), "eval_file"):

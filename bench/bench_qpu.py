@@ -102,9 +102,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.bench_frontier import _evaluate
     from qpa.config import parse_config
-    from qpa.data import fixed_batches, read_jsonl, tokenize_records
+    from qpa.data import fixed_batches, tokenize_records
     from qpa.estimate import estimate_job
     from qpa.models import load_base_model
+    from qpa.records import read_jsonl
     from qpa.training import finetune
 
     torch.set_num_threads(1)
@@ -206,6 +207,16 @@ def summarise(results: dict[str, Any]) -> None:
     results["closest"] = None if best or closest is None else _choice(closest)
 
 
+def _choice_row(label: str, choice: dict[str, Any] | None) -> list[Any]:
+    from qpa.estimate import format_seconds
+
+    if choice is None:
+        return [label, "none", "-", "-", "-", "-"]
+    angles = "frozen" if choice["frozen"] else f"trained, update_every {choice['update_every']}"
+    return [label, choice["row"], choice["shots"], angles,
+            f"{choice['share_of_exact_gain']:.1%}", format_seconds(choice["estimated_qpu_seconds"])]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     from qpa.estimate import format_seconds
 
@@ -218,7 +229,11 @@ def render_markdown(results: dict[str, Any]) -> str:
                      f"{run['jobs']:,}", f"{run['circuits']:,}", f"{run['shots']:,}",
                      "exact (no device)" if seconds is None else format_seconds(seconds),
                      f"{run['wall_seconds'] / 60:.1f} min"])
-    best, s = results.get("recommendation"), results["settings"]
+    s = results["settings"]
+    choices = [_choice_row(f"cheapest keeping >= {KEEP:.0%} of exact QPA's gain",
+                           results.get("recommendation"))]
+    if results.get("closest"):
+        choices.append(_choice_row("closest (none keeps it)", results["closest"]))
     return common.markdown(
         f"{results['mode'].capitalize()} mode, measured on {machine_line(results['machine'])};"
         f" 1 thread per run, {len(results['runs'])} runs, {s['steps']} steps of batch "
@@ -227,13 +242,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         (["row", "held-out loss", "share of exact gain", "jobs", "circuits", "shots",
           "est. QPU time on ibm_fez", "local wall time"], rows),
         (["setting", "row", "shots", "angles", "share of the gain", "est. QPU time on ibm_fez"],
-         [[label, choice["row"], choice["shots"],
-           "frozen" if choice["frozen"] else f"trained, update_every {choice['update_every']}",
-           f"{choice['share_of_exact_gain']:.1%}", format_seconds(choice["estimated_qpu_seconds"])]
-          if choice else [label, "none", "-", "-", "-", "-"]
-          for label, choice in ((f"cheapest keeping >= {KEEP:.0%} of exact QPA's gain", best),
-                                ("closest (none keeps it)", results.get("closest")))
-          if choice or label.startswith("cheapest")]))
+         choices))
+
 
 
 # -- the benchmark ----------------------------------------------------------------------------

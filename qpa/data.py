@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from qpa.errors import ConfigError
-from qpa.records import read_jsonl as read_jsonl  # re-exported: callers load data from here
 
 IGNORE_INDEX = -100
 
