@@ -229,7 +229,7 @@ class QPAGenerator(nn.Module):
     def refresh(self, with_gradient: bool) -> None:
         """Evaluate p(theta) for every sub-generator in one backend call.
 
-        With a planning backend (``qpa.estimate``) the job is counted, not run: p is a
+        With a planning backend (``qpa.methods.qpa.estimate``) the job is counted, not run: p is a
         placeholder of one column and the Jacobian zero, so that every later decision
         (windows, evaluations) is taken by this same code on the same state.
         """

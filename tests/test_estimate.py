@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from qpa.cli import app
 from qpa.config import parse_config
 from qpa.errors import ConfigError
-from qpa.estimate import _dry_run, estimate_job, plan_jobs
+from qpa.estimate import estimate_job
+from qpa.methods.qpa.estimate import _dry_run, plan_jobs
 from qpa.training import Trainer
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"

@@ -13,11 +13,13 @@ no torch, PEFT or qiskit. The implementation is imported when a job runs.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from qpa.estimate import QuantumEstimate
     from qpa.methods.base import AdapterMethod
     from qpa.options import Section
 
@@ -34,10 +36,20 @@ class MethodSpec:
     implementation: str
     #: Runs circuits on the job's ``backend`` (the model card and CLI then name it).
     uses_quantum: bool = False
+    #: ``"module:function"`` computing the job's ``qpa.estimate.QuantumEstimate`` before it
+    #: runs (``qpa estimate``, the budget check); None for methods with no quantum cost.
+    estimator: str | None = None
 
     def load(self) -> type[AdapterMethod]:
-        module, _, attribute = self.implementation.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return _attribute(self.implementation)
+
+    def load_estimator(self) -> Callable[..., QuantumEstimate] | None:
+        return None if self.estimator is None else _attribute(self.estimator)
+
+
+def _attribute(path: str) -> Any:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 @cache

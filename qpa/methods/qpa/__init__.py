@@ -2,9 +2,11 @@
 
 * ``options`` the ``qpa`` section and its presets
 * ``method``  ``QPAMethod``: PEFT LoRA layers parametrised by ``qpa.generator``
+* ``estimate`` the jobs, circuits, shots and QPU seconds a run will use (``qpa estimate``)
 """
 
 from qpa.methods.qpa.options import QpaOptions
 from qpa.methods.registry import MethodSpec
 
-METHOD = MethodSpec("qpa", QpaOptions, "qpa.methods.qpa.method:QPAMethod", uses_quantum=True)
+METHOD = MethodSpec("qpa", QpaOptions, "qpa.methods.qpa.method:QPAMethod", uses_quantum=True,
+                    estimator="qpa.methods.qpa.estimate:estimate_job")

@@ -131,7 +131,7 @@ class QPAMethod(AdapterMethod):
                         check: bool = True) -> None:
         """Build the generator of ``num_values`` and give it ``backend_for(circuit)``.
 
-        Shared by ``attach`` and the pre-run estimate (``qpa.estimate``), which passes a
+        Shared by ``attach`` and the pre-run estimate (``estimate.py``), which passes a
         counting backend: the estimate's jobs are the ones this code would submit.
         ``check=False`` skips the width check (the estimate reports it as a warning).
         """
