@@ -161,7 +161,7 @@ def generator_cycle(num_values: int, device: torch.device, repeats: int) -> dict
     gradient), forward and backward of the mapping MLP, push (dL/dp to the angles)."""
     from qpa.backends.factory import make_backend
     from qpa.config import QuantumOptions
-    from qpa.generator import QPAGenerator
+    from qpa.methods.qpa.generator import QPAGenerator
     from qpa.methods.qpa.options import QpaOptions
 
     o = QpaOptions()  # the defaults the qpa variants run with

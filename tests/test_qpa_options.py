@@ -56,7 +56,7 @@ def test_step_zero_equals_base_model(tiny_llama_dir, data_files, options):
 
 
 def test_postprocessing_sends_uniform_p_to_zero_and_spreads_random_p():
-    from qpa.generator import POSTPROCESS, postprocess
+    from qpa.methods.qpa.generator import POSTPROCESS, postprocess
 
     uniform = torch.full((1, 16), 1 / 16, dtype=torch.float64)
     draw = torch.distributions.Exponential(1.0).sample((1, 16)).double()

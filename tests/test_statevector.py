@@ -9,7 +9,7 @@ from qiskit.quantum_info import Statevector
 
 from qpa.backends.statevector import StatevectorBackend
 from qpa.circuits import qpa_ansatz, rbs_ansatz
-from qpa.generator import hamming_weight_states
+from qpa.methods.qpa.generator import hamming_weight_states
 
 
 @pytest.mark.parametrize("circuit", [qpa_ansatz(1, 1), qpa_ansatz(6, 4), rbs_ansatz(6, 3),

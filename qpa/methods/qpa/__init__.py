@@ -1,7 +1,8 @@
 """Quantum Parameter Adaptation (``method: qpa``): a circuit generates the LoRA weights.
 
 * ``options`` the ``qpa`` section and its presets
-* ``method``  ``QPAMethod``: PEFT LoRA layers parametrised by ``qpa.generator``
+* ``generator`` ``QPAGenerator``: circuits + mapping MLP -> the LoRA weights
+* ``method``  ``QPAMethod``: PEFT LoRA layers parametrised by the generator
 * ``estimate`` the jobs, circuits, shots and QPU seconds a run will use (``qpa estimate``)
 """
 

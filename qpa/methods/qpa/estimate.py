@@ -29,8 +29,8 @@ from qpa.circuits import build_ansatz
 from qpa.config import JobConfig
 from qpa.errors import ConfigError
 from qpa.estimate import QPU_SECONDS_METHOD, QuantumEstimate
-from qpa.generator import fit_sub_generators, plan_qubits
 from qpa.methods.lora.method import lora_config
+from qpa.methods.qpa.generator import fit_sub_generators, plan_qubits
 from qpa.methods.qpa.method import (
     QPAMethod,
     generated_layers,

@@ -24,9 +24,9 @@ from torch.nn.utils import parametrize
 from qpa.backends.base import QuantumBackend, QuantumUsage
 from qpa.backends.factory import backend_qubit_limit, check_width
 from qpa.errors import ConfigError
-from qpa.generator import QPAGenerator, fit_sub_generators
 from qpa.methods.base import AdapterMethod
 from qpa.methods.lora.method import lora_config
+from qpa.methods.qpa.generator import QPAGenerator, fit_sub_generators
 
 ADAPTER = "default"
 
