@@ -32,7 +32,9 @@ from bench.common import machine_line, read_json, write_json
 NAME = "frontier"
 SECTION = "frontier"
 BASE_MODEL = "smollm2-135m"
-TARGETS = ["q_proj", "v_proj"]
+TARGETS = ["q_proj", "v_proj"]  # every row's, and LoRA r=4's (the reference), unless a row
+# names its method preset's own module set (qpa.models.TARGET_SETS; its share of LoRA r=4's
+# parameters is still counted against LoRA r=4 on q/v).
 REFERENCE = "lora_r4"
 QUIET = True
 OPTIONS = {
@@ -52,6 +54,7 @@ class Row:
     config: dict[str, Any] = field(default_factory=dict)  # job config (library rows)
     peft: tuple[str, dict[str, Any]] | None = None        # (kind, PEFT config) loop rows
     of: str | None = None                                  # ablation: parent row's rate
+    targets: tuple[str, ...] = tuple(TARGETS)
 
 
 def _lora(r: int) -> Row:
@@ -85,10 +88,14 @@ ROWS: dict[str, Row] = {
         "QPA balanced, p random (untrained)", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "random_p"}},
         of="qpa_balanced"),
-    "compound_compact": Row("compound compact", "compound",
-                            {"method": "compound", "compound": {"preset": "compact"}}),
-    "compound_balanced": Row("compound balanced", "compound",
-                             {"method": "compound", "compound": {"preset": "balanced"}}),
+    "compound_compact": Row("compound compact (q k v o gate up)", "compound",
+                            {"method": "compound", "compound": {"preset": "compact"}},
+                            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj")),
+    "compound_balanced": Row("compound balanced (every projection)", "compound",
+                             {"method": "compound", "compound": {"preset": "balanced"}},
+                             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj")),
     "compound_paper": Row("compound paper", "compound",
                           {"method": "compound", "compound": {"preset": "paper"}}),
 }
@@ -102,7 +109,7 @@ QUICK_ROWS = ["lora_r4", "vera_r16", "oft", "qpa_compact", "qpa_compact_frozen",
 def _job_config(row: Row, lr: float, seed: int, steps: int, s: dict[str, Any],
                 data: dict[str, str]) -> dict[str, Any]:
     config = json.loads(json.dumps(row.config))
-    config.setdefault("lora", {})["target_modules"] = TARGETS
+    config.setdefault("lora", {})["target_modules"] = list(row.targets)
     config.update(base_model=BASE_MODEL, train_file=data["train"], eval_file=data["eval"],
                   steps=steps)
     config["train"] = {"lr": lr, "batch_size": s["batch_size"], "max_length": s["max_length"],
@@ -143,7 +150,7 @@ def _loop(kind: str, peft_options: dict[str, Any], config: dict[str, Any],
     train = tokenize_records(tokenizer, read_jsonl(job.train_file), job.train.max_length)
     seed_everything(job.train.seed)  # as the trainer does right before attaching
     peft_config = {"lora": LoraConfig, "vera": VeraConfig, "oft": OFTConfig}[kind](
-        target_modules=TARGETS, **peft_options)
+        target_modules=job.lora.target_modules, **peft_options)
     model = get_peft_model(model, peft_config)
     batches = StepBatches(train, job.train.batch_size, job.train.seed, tokenizer.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]

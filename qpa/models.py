@@ -50,7 +50,24 @@ ALIASES: dict[str, GGUFAlias] = {
 }
 
 # Architectures whose attention projections we prefer over PEFT's broader defaults.
-_PREFERRED_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+#: Named sets of modules to adapt, per architecture: what ``lora.target_modules: null`` means
+#: for a method (its options section's ``target_set``). ``attention_qv`` is LoRA's usual
+#: choice; ``attention_mlp_in`` adds k, the attention output and the MLP's input
+#: projections; ``all_linear`` every projection of the blocks. Compound adapters gain more
+#: per parameter from small blocks on many modules (docs/BENCHMARKS.md, section 4).
+TARGET_SETS: dict[str, dict[str, list[str]]] = {
+    "attention_qv": {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]},
+    "attention_mlp_in": {
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
+        "gpt2": ["c_attn", "attn.c_proj", "c_fc"],
+    },
+    "all_linear": {
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "gpt2": ["c_attn", "c_proj", "c_fc"],
+    },
+}
+#: Architectures that name their projections as Llama does (Mistral, Qwen2...) take its sets.
+_LLAMA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _gguf_path(alias: GGUFAlias) -> Path:
@@ -160,16 +177,23 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
     return model, tokenizer, path
 
 
-def default_target_modules(model: PreTrainedModel) -> list[str]:
-    """Attention projections per architecture; PEFT's mapping for the rest."""
+def default_target_modules(model: PreTrainedModel,
+                           target_set: str = "attention_qv") -> list[str]:
+    """The modules of ``TARGET_SETS[target_set]`` for the model's architecture; for
+    ``attention_qv`` PEFT's mapping covers the rest, and Llama-named models take Llama's."""
     model_type = getattr(model.config, "model_type", "")
-    if model_type in _PREFERRED_TARGETS:
-        return list(_PREFERRED_TARGETS[model_type])
-    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    by_type = TARGET_SETS[target_set]
+    if model_type in by_type:
+        return list(by_type[model_type])
+    peft_default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if target_set == "attention_qv" and peft_default:
+        return list(peft_default)
+    suffixes = {name.rsplit(".", 1)[-1] for name in adaptable_modules(model)}
+    if set(_LLAMA_NAMES) <= suffixes:
+        return list(by_type["llama"])
     raise ConfigError(
         "lora.target_modules",
-        f"no default target modules for model type {model_type!r}; list them explicitly",
+        f"no default {target_set} modules for model type {model_type!r}; list them explicitly",
     )
 
 
@@ -181,12 +205,15 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def resolve_target_modules(model: PreTrainedModel, requested: list[str] | None) -> list[str]:
-    """Validate target names (matched on the last name component, as PEFT does)."""
-    targets = requested or default_target_modules(model)
+def resolve_target_modules(model: PreTrainedModel, requested: list[str] | None,
+                           target_set: str = "attention_qv") -> list[str]:
+    """The job's targets, or the method's ``target_set`` when it names none; validated
+    (matched as PEFT matches: the full name, or its ending after a dot)."""
+    targets = requested or default_target_modules(model, target_set)
     layers = adaptable_modules(model)
     suffixes = {name.rsplit(".", 1)[-1] for name in layers}
-    missing = [target for target in targets if target not in suffixes and target not in layers]
+    missing = [target for target in targets
+               if not any(matches_target(name, [target]) for name in layers)]
     if missing:
         raise ConfigError(
             "lora.target_modules",

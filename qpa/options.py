@@ -18,6 +18,14 @@ class Section(BaseModel):
     #: (the quality frontier's choice, docs/BENCHMARKS.md section 4).
     LEARNING_RATE: ClassVar[float | None] = None
 
+    #: The module set (``qpa.models.TARGET_SETS``) a job of this method adapts when it leaves
+    #: ``lora.target_modules`` out.
+    TARGET_SET: ClassVar[str] = "attention_qv"
+
+    @property
+    def target_set(self) -> str:
+        return self.TARGET_SET
+
     @property
     def learning_rate(self) -> float:
         if self.LEARNING_RATE is None:
@@ -28,12 +36,15 @@ class Section(BaseModel):
 class PresetSection(Section):
     """A section with named operating points: the chosen preset fills in every option the
     job leaves out (options the job sets win), and names the learning rate ``train.lr``
-    defaults to. Presets come from the quality frontier (docs/BENCHMARKS.md)."""
+    and the module set ``lora.target_modules`` default to. Presets come from the quality
+    frontier (docs/BENCHMARKS.md)."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     LEARNING_RATES: ClassVar[dict[str, float]] = {}
     #: What the frontier measured for each preset, quoted by the model card.
     MEASURED: ClassVar[dict[str, str]] = {}
+    #: Presets whose module set differs from the section's ``TARGET_SET``.
+    TARGET_SETS: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -48,6 +59,10 @@ class PresetSection(Section):
     @property
     def learning_rate(self) -> float:
         return self.LEARNING_RATES[self.preset]
+
+    @property
+    def target_set(self) -> str:
+        return self.TARGET_SETS.get(self.preset, self.TARGET_SET)
 
     def matches_preset(self) -> bool:
         """True when no option differs from the preset (the measured point applies)."""

@@ -168,7 +168,8 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.target_modules = resolve_target_modules(model, config.lora.target_modules)
+        self.target_modules = resolve_target_modules(model, config.lora.target_modules,
+                                                     config.method_options.target_set)
         check_exports(config, model, self.target_modules)
         self.base_config = model.config
         self.train_examples = tokenize_records(

@@ -86,8 +86,8 @@ def trained_job(request: Any, model_fixture: str, method: str
         model_dir = request.getfixturevalue(model_fixture)
         data = request.getfixturevalue("data_files")
         out = request.getfixturevalue("tmp_path_factory").mktemp(f"{method}-{model_fixture}")
-        lora = ({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-                if model_fixture == "tiny_llama_dir" else {})
+        lora = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]
+                if model_fixture == "tiny_llama_dir" else ["c_attn"]}
         config = tiny_config(model_dir, data, method=method, steps=4, lora=lora,
                              compound={"blocks": 2},
                              export={"formats": ["peft", "merged", "gguf"]},

@@ -208,6 +208,17 @@ def test_compound_presets_and_train_options_validate_and_fill():
         assert caught.value.field == f"{section}.{field}"
 
 
+def test_frontier_rows_train_each_presets_own_module_set():
+    """What the frontier measured is what a job naming only its preset adapts."""
+    from bench.bench_frontier import ROWS
+    from qpa.models import TARGET_SETS
+
+    for name, row in ROWS.items():
+        if row.peft is None:
+            config = parse_config({"train_file": "x.jsonl", **row.config})
+            assert list(row.targets) == TARGET_SETS[config.method_options.target_set]["llama"], name
+
+
 def test_lr_schedule_warms_up_then_decays():
     config = parse_config({"train_file": "x.jsonl", "method": "lora", "steps": 100,
                            "train": {"lr": 1.0}})

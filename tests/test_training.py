@@ -39,6 +39,36 @@ def test_qpa_default_targets_per_architecture(tiny_llama_dir, tiny_gpt2_dir):
     assert resolve_target_modules(gpt2, None) == ["c_attn"]
 
 
+def test_a_preset_picks_its_module_set_and_a_listed_one_wins(tiny_llama_dir, tiny_gpt2_dir,
+                                                            data_files):
+    """compound's compact preset adapts attention and the MLP's input projections when the
+    job lists no targets (the frontier's choice); every other default stays q/v; a job's
+    own ``lora.target_modules`` always wins."""
+    expected = {tiny_llama_dir: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
+                tiny_gpt2_dir: ["c_attn", "attn.c_proj", "c_fc"]}
+    for model_dir, targets in expected.items():
+        trainer = Trainer(tiny_config(model_dir, data_files, method="compound",
+                                      compound={"preset": "compact", "blocks": 2}),
+                          "/nonexistent-unused")
+        trainer._prepare()
+        assert trainer.target_modules == targets
+        adapted = {name.rsplit(".compound", 1)[0] for name, _ in
+                   trainer.model.named_parameters() if name.endswith("compound.weight")}
+        # GPT-2's mlp.c_proj ends in c_proj too; only the attention's is in the set.
+        assert len(adapted) == 2 * len(targets)
+        assert not any(name.endswith("mlp.c_proj") for name in adapted)
+        trainer.method.close()
+    for method, options in (("compound", {"preset": "paper", "blocks": 2}), ("qpa", {})):
+        config = tiny_config(tiny_llama_dir, data_files, method=method, compound=options)
+        assert config.method_options.target_set == "attention_qv"
+    listed = tiny_config(tiny_llama_dir, data_files, method="compound",
+                         compound={"blocks": 2}, lora={"target_modules": ["v_proj"]})
+    trainer = Trainer(listed, "/nonexistent-unused")
+    trainer._prepare()
+    assert trainer.target_modules == ["v_proj"]
+    trainer.method.close()
+
+
 def test_update_every_one_is_exact_joint_training(tiny_llama_dir, data_files):
     """The windowed angle gradient equals autograd straight through the circuit."""
     config = tiny_config(tiny_llama_dir, data_files)

@@ -24,8 +24,11 @@ class LoraOptions(Section):
     dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout on the LoRA input.")] = 0.0
     target_modules: list[str] | None = Field(
         default=None,
-        description="Module names to adapt (every method adapts these). None picks the "
-        "architecture's default: q_proj/v_proj for Llama-style models, c_attn for GPT-2.",
+        description="Module names to adapt (every method adapts these), matched as PEFT "
+        "does (a full name or its ending after a dot). None picks the method's module set "
+        "for the architecture: attention q/v (q_proj/v_proj for Llama-style models, c_attn "
+        "for GPT-2), or for compound's compact preset also k, o and the MLP's input "
+        "projections (k_proj, o_proj, gate_proj, up_proj; GPT-2: attn.c_proj, c_fc).",
     )
 
     @field_validator("target_modules")

@@ -172,7 +172,8 @@ def generated_value_count(config: JobConfig) -> int:
     model_config = base_model_config(config.base_model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    targets = resolve_target_modules(model, config.lora.target_modules)
+    targets = resolve_target_modules(model, config.lora.target_modules,
+                                     config.qpa.target_set)
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers method renamed in 5.x; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
