@@ -35,6 +35,7 @@ BASE_MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "v_proj"]  # every row's, and LoRA r=4's (the reference), unless a row
 # names its method preset's own module set (qpa.models.TARGET_SETS; its share of LoRA r=4's
 # parameters is still counted against LoRA r=4 on q/v).
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REFERENCE = "lora_r4"
 QUIET = True
 OPTIONS = {
@@ -44,7 +45,11 @@ OPTIONS = {
     "--workers": {"type": int, "default": 2, "help": "runs at a time (1 thread each)"},
     "--check-loop": {"action": "store_true", "help": "also LoRA r=4 in the PEFT loop"},
     "--rows": {"help": "comma-separated subset of rows (default: all)"},
+    "--variants": {"help": "JSON list of research variants ({name, method, lr, options, "
+                   "targets, seed}) to run at the sweep's budget instead of the frontier; "
+                   "kept in bench/results/frontier_variants.json"},
 }
+VARIANTS = "frontier_variants"
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ ROWS: dict[str, Row] = {
     "vera_r256": Row("PEFT VeRA r=256", "VeRA", peft=("vera", {"r": 256})),
     "oft": Row("PEFT OFT (blocks of 32)", "OFT", peft=("oft", {"r": 0, "oft_block_size": 32})),
     "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
-    "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}}),
+    "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}},
+                        targets=ALL_PROJECTIONS),
     "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}}),
     "qpa_compact_frozen": Row(
         "QPA compact, angles frozen", "QPA ablation",
@@ -79,23 +85,29 @@ ROWS: dict[str, Row] = {
     "qpa_balanced_frozen": Row(
         "QPA balanced, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
-        of="qpa_balanced"),
-    "qpa_balanced_constant_p": Row(
-        "QPA balanced, p constant (bits only)", "QPA ablation",
+        of="qpa_balanced", targets=ALL_PROJECTIONS),
+    # The balanced generator writing LoRA for q/v only (the preset before it took every
+    # projection), and what its circuit contributes there.
+    "qpa_balanced_qv": Row("QPA balanced, q/v only", "QPA ablation",
+                           {"method": "qpa", "qpa": {"preset": "balanced"}}),
+    "qpa_balanced_qv_frozen": Row(
+        "QPA balanced q/v, angles frozen", "QPA ablation",
+        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
+        of="qpa_balanced_qv"),
+    "qpa_balanced_qv_constant_p": Row(
+        "QPA balanced q/v, p constant (bits only)", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "constant_p"}},
-        of="qpa_balanced"),
-    "qpa_balanced_random_p": Row(
-        "QPA balanced, p random (untrained)", "QPA ablation",
+        of="qpa_balanced_qv"),
+    "qpa_balanced_qv_random_p": Row(
+        "QPA balanced q/v, p random (untrained)", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "random_p"}},
-        of="qpa_balanced"),
+        of="qpa_balanced_qv"),
     "compound_compact": Row("compound compact (q k v o gate up)", "compound",
                             {"method": "compound", "compound": {"preset": "compact"}},
-                            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                     "up_proj")),
+                            targets=ALL_PROJECTIONS[:6]),
     "compound_balanced": Row("compound balanced (every projection)", "compound",
                              {"method": "compound", "compound": {"preset": "balanced"}},
-                             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj")),
+                             targets=ALL_PROJECTIONS),
     "compound_paper": Row("compound paper", "compound",
                           {"method": "compound", "compound": {"preset": "paper"}}),
 }
@@ -182,7 +194,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from qpa.training import finetune
 
     torch.set_num_threads(spec["threads"])
-    row, config = ROWS[spec["row"]], spec["config"]
+    row, config = ROWS.get(spec["row"], Row(spec["row"], "variant")), spec["config"]
     output = Path(tempfile.mkdtemp(prefix=f"frontier-{spec['row']}-"))
     wall = time.perf_counter()
     try:
@@ -388,7 +400,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         "; ".join(f"{n} vs {', '.join(p)}: {'yes' if ok else 'no'}" for n, ok, p in beats)
         or "no LoRA r=1 or VeRA row measured yet")
     pairs = []
-    for name in ("qpa_compact", "qpa_balanced"):
+    for name in ("qpa_compact", "qpa_balanced", "qpa_balanced_qv"):
         parent, frozen = rows.get(name), rows.get(f"{name}_frozen")
         if parent and frozen:
             diff = frozen["eval_loss_mean"] - parent["eval_loss_mean"]
@@ -431,9 +443,48 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run_variants(args: argparse.Namespace) -> None:
+    """Research runs: each variant of ``--variants`` (a job's method, its options, targets,
+    rate and seed) trains at the sweep's budget and is evaluated as every frontier run is.
+    Results accumulate in ``frontier_variants.json`` under the same keys as frontier runs
+    (so a rerun skips what is done); BENCHMARKS.md quotes them by hand."""
     from qpa.datasets import write_pydoc_dataset
 
+    s = settings_for(args)
+    results = read_json(VARIANTS) or {"settings": s, "runs": {}}
+    data_dir = Path(tempfile.mkdtemp(prefix="frontier-data-"))
+    train, evaluation = write_pydoc_dataset(data_dir)
+    data = {"train": str(train), "eval": str(evaluation)}
+    specs = []
+    for variant in json.loads(Path(args.variants).read_text()):
+        method, seed, lr = variant["method"], variant.get("seed", 0), variant["lr"]
+        row = Row(variant["name"], "variant", {"method": method,
+                                               method: variant.get("options", {})},
+                  targets=tuple(variant.get("targets", TARGETS)))
+        specs.append({"row": row.label, "lr": lr, "seed": seed, "steps": s["sweep_steps"],
+                      "loop": False, "threads": s["threads"], "eval_batches": s["eval_batches"],
+                      "config": _job_config(row, lr, seed, s["sweep_steps"], s, data)})
+
+    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
+        config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
+        result.pop("train_losses", None)
+        results["runs"][_key(spec)] = {"name": spec["row"], "config": config, **result}
+        write_json(VARIANTS, results)
+        print(f"{spec['row']}: eval loss {result['eval_loss']:.4f}, "
+              f"{result['trainable_params']:,} trainable parameters", flush=True)
+
+    try:
+        common.run_children("bench_frontier", specs, _key, results["runs"], finished,
+                            args.workers)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    from qpa.datasets import write_pydoc_dataset
+
+    if args.variants:
+        return run_variants(args)
     s = settings_for(args)
     rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
     previous = read_json(NAME) if not args.quick else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -9,15 +10,24 @@ from typing import Any
 import torch
 
 from qpa.config import JobConfig, parse_config
+from qpa.models import TARGET_SETS
 from qpa.training import Trainer
 
 
 def tiny_config(model_dir: Path, data: tuple[Path, Path], **overrides: Any) -> JobConfig:
-    """A job that trains a tiny model in seconds; nested dicts merge into the defaults."""
+    """A job that trains a tiny model in seconds; nested dicts merge into the defaults.
+
+    It adapts the architecture's attention q/v (the qubit counts the QPU tests rely on fit
+    small fake devices); ``lora={"target_modules": None}`` lets the method's preset choose.
+    """
     train_file, eval_file = data
+    model_config = Path(model_dir) / "config.json"
+    model_type = (json.loads(model_config.read_text())["model_type"]
+                  if model_config.is_file() else "llama")
     base: dict[str, Any] = {
         "base_model": str(model_dir), "method": "qpa", "backend": "statevector",
         "train_file": str(train_file), "eval_file": str(eval_file), "steps": 6,
+        "lora": {"target_modules": TARGET_SETS["attention_qv"][model_type]},
         "qpa": {"chunk_size": 32, "depth": 2, "mlp_hidden": [16]},
         "train": {"lr": 1e-2, "batch_size": 4, "max_length": 48, "eval_batches": 2,
                   "sample_tokens": 0, "checkpoint_every": 2},

@@ -33,7 +33,9 @@ def shipped_config(model_dir: Path, data: tuple[Path, Path], backend: str,
     config = yaml.safe_load(QUICKSTART.read_text())
     config.update(base_model=str(model_dir), train_file=str(data[0]), eval_file=str(data[1]),
                   backend=backend, steps=4, output_dir=None)
-    # chunk_size 32: the tiny model's 896 LoRA values make 28 chunks, 5 qubits (Manila's).
+    # chunk_size 32 on q/v: the tiny model's 896 LoRA values make 28 chunks, 5 qubits
+    # (Manila's).
+    config["lora"] = {"target_modules": ["q_proj", "v_proj"]}
     config["qpa"] = {**config["qpa"], "chunk_size": 32, "update_every": 2, **qpa}
     config["train"] = {**config["train"], "max_length": 48, "eval_batches": 1,
                        "eval_every": 2, "sample_tokens": 0}

@@ -42,13 +42,14 @@ def test_qpa_default_targets_per_architecture(tiny_llama_dir, tiny_gpt2_dir):
 def test_a_preset_picks_its_module_set_and_a_listed_one_wins(tiny_llama_dir, tiny_gpt2_dir,
                                                             data_files):
     """compound's compact preset adapts attention and the MLP's input projections when the
-    job lists no targets (the frontier's choice); every other default stays q/v; a job's
-    own ``lora.target_modules`` always wins."""
+    job lists no targets, compound's and QPA's balanced every projection (the frontier's
+    choices), the others q/v; a job's own ``lora.target_modules`` always wins."""
     expected = {tiny_llama_dir: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
                 tiny_gpt2_dir: ["c_attn", "attn.c_proj", "c_fc"]}
     for model_dir, targets in expected.items():
         trainer = Trainer(tiny_config(model_dir, data_files, method="compound",
-                                      compound={"preset": "compact", "blocks": 2}),
+                                      compound={"preset": "compact", "blocks": 2},
+                                      lora={"target_modules": None}),
                           "/nonexistent-unused")
         trainer._prepare()
         assert trainer.target_modules == targets
@@ -58,9 +59,12 @@ def test_a_preset_picks_its_module_set_and_a_listed_one_wins(tiny_llama_dir, tin
         assert len(adapted) == 2 * len(targets)
         assert not any(name.endswith("mlp.c_proj") for name in adapted)
         trainer.method.close()
-    for method, options in (("compound", {"preset": "paper", "blocks": 2}), ("qpa", {})):
-        config = tiny_config(tiny_llama_dir, data_files, method=method, compound=options)
-        assert config.method_options.target_set == "attention_qv"
+    for method, preset, target_set in (("compound", "paper", "attention_qv"),
+                                       ("qpa", "compact", "attention_qv"),
+                                       ("qpa", "balanced", "all_linear")):
+        config = tiny_config(tiny_llama_dir, data_files, method=method,
+                             **{method: {"preset": preset}})
+        assert config.method_options.target_set == target_set
     listed = tiny_config(tiny_llama_dir, data_files, method="compound",
                          compound={"blocks": 2}, lora={"target_modules": ["v_proj"]})
     trainer = Trainer(listed, "/nonexistent-unused")

@@ -125,15 +125,15 @@ def wait_for_status(client: QPAClient, job_id: str, statuses: tuple[str, ...] = 
 def job_config(model_dir: Path, train_id: str, eval_id: str | None = None, *, steps: int = 6,
                backend: str = "statevector", checkpoint_every: int = 2,
                **overrides: Any) -> dict[str, Any]:
-    """A qpa job on the tiny Llama that trains in seconds: 448 LoRA values in chunks of
-    64 need 3 qubits, so it also fits FakeManilaV2's 5."""
+    """A qpa job on the tiny Llama that trains in seconds: 448 LoRA values (q/v) in chunks
+    of 64 need 3 qubits, so it also fits FakeManilaV2's 5."""
     config: dict[str, Any] = {
         "base_model": str(model_dir),
         "method": "qpa",
         "backend": backend,
         "train_file": train_id,
         "steps": steps,
-        "lora": {"r": 2},
+        "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
         "qpa": {"chunk_size": 64, "depth": 1, "mlp_hidden": [8]},
         "train": {"batch_size": 2, "max_length": 32, "checkpoint_every": checkpoint_every,
                   "eval_batches": 1, "sample_prompt": None},
