@@ -77,7 +77,9 @@ ROWS: dict[str, Row] = {
     "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
     "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}},
                         targets=ALL_PROJECTIONS),
-    "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}}),
+    # Its rate comes from its q/v row's sweep (of=): no sweep of its own was run yet.
+    "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}},
+                     targets=ALL_PROJECTIONS, of="qpa_paper_qv"),
     "qpa_compact_frozen": Row(
         "QPA compact, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "compact", "ablation": "frozen_angles"}},
@@ -86,10 +88,12 @@ ROWS: dict[str, Row] = {
         "QPA balanced, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
         of="qpa_balanced", targets=ALL_PROJECTIONS),
-    # The balanced generator writing LoRA for q/v only (the preset before it took every
-    # projection), and what its circuit contributes there.
+    # The balanced and paper generators writing LoRA for q/v only (the presets before they
+    # took every projection), and what the balanced circuit contributes there.
     "qpa_balanced_qv": Row("QPA balanced, q/v only", "QPA ablation",
                            {"method": "qpa", "qpa": {"preset": "balanced"}}),
+    "qpa_paper_qv": Row("QPA paper, q/v only", "QPA ablation",
+                        {"method": "qpa", "qpa": {"preset": "paper"}}),
     "qpa_balanced_qv_frozen": Row(
         "QPA balanced q/v, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
