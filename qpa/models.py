@@ -49,12 +49,13 @@ ALIASES: dict[str, GGUFAlias] = {
     ),
 }
 
-# Architectures whose attention projections we prefer over PEFT's broader defaults.
 #: Named sets of modules to adapt, per architecture: what ``lora.target_modules: null`` means
 #: for a method (its options section's ``target_set``). ``attention_qv`` is LoRA's usual
-#: choice; ``attention_mlp_in`` adds k, the attention output and the MLP's input
-#: projections; ``all_linear`` every projection of the blocks. Compound adapters gain more
-#: per parameter from small blocks on many modules (docs/BENCHMARKS.md, section 4).
+#: choice (preferred over PEFT's broader defaults where we list the architecture);
+#: ``attention_mlp_in`` adds k, the attention output and the MLP's input projections;
+#: ``all_linear`` every projection of the blocks. Compound adapters gain per parameter from
+#: small blocks on many modules, and QPA's generator writes more modules at almost no cost
+#: (docs/BENCHMARKS.md, section 4).
 TARGET_SETS: dict[str, dict[str, list[str]]] = {
     "attention_qv": {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]},
     "attention_mlp_in": {
