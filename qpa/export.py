@@ -95,9 +95,14 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
     ]
     lines += [f"| {label} | {value} |" for label, value in method_rows]
     section = config.method_options
+    # The measured numbers hold for the preset's options on the preset's own modules.
+    changes = [] if not hasattr(section, "preset") else [
+        text for text, changed in (("options changed", not section.matches_preset()),
+                                   ("modules listed by the job",
+                                    config.lora.target_modules is not None)) if changed]
     if hasattr(section, "preset"):
         lines.append(f"| preset | {section.preset}"
-                     + ("" if section.matches_preset() else " (options changed)") + " |")
+                     + (f" ({'; '.join(changes)})" if changes else "") + " |")
     lines.append(f"| learning rate | {config.train.lr:g}, {config.train.schedule}, "
                  f"{config.train.warmup_steps} warm-up steps |")
     lines += [
@@ -116,7 +121,7 @@ def model_card(config: JobConfig, metrics: dict[str, Any], export_info: dict[str
             f"{quantum['shots']} shots, {quantum['seconds']:.2f} s.",
         ]
     measured = getattr(section, "MEASURED", {}).get(getattr(section, "preset", None))
-    if measured and section.matches_preset():
+    if measured and not changes:
         lines += ["", "## Measured quality of this preset", "", measured]
     if metrics.get("loss_plot"):
         lines += ["", "## Loss", "", f"![train and eval loss]({metrics['loss_plot']})"]

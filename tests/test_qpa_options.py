@@ -91,8 +91,9 @@ def _stock_peft_logits(model_dir, adapter_dir):
 @pytest.mark.parametrize("preset", ["compact", "balanced", "paper"])
 def test_each_preset_exports_an_exact_stock_peft_lora(tiny_llama_dir, data_files, tmp_path,
                                                        preset):
-    config = tiny_config(tiny_llama_dir, data_files, steps=3)
-    # The preset alone, not tiny_config's chunk and MLP, decides the generator here.
+    config = tiny_config(tiny_llama_dir, data_files, steps=3, lora={"target_modules": None})
+    # The preset alone, not tiny_config's chunk and MLP, decides the generator and (the
+    # job listing none) the modules here.
     config = parse_config({**config.model_dump(mode="json"), "qpa": {"preset": preset}})
     assert config.qpa.chunk_size == QpaOptions.PRESETS[preset]["chunk_size"]
     trainer, metrics = _train(config, tmp_path)
@@ -128,7 +129,7 @@ def test_ablations_train_no_angles_and_report_it(tiny_llama_dir, data_files, tmp
         moved = not torch.equal(trainer.method.generator.theta.detach(), initial.detach())
         assert moved == (ablation == "none")
         card = (tmp_path / ablation / "run" / "adapter" / "README.md").read_text()
-        assert "| preset | balanced (options changed) |" in card
+        assert "| preset | balanced (options changed; modules listed by the job) |" in card
         assert "Measured quality of this preset" not in card
         if ablation != "none":
             assert metrics["circuit_angles"] == 0
