@@ -295,9 +295,17 @@ def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int
 EXTEND = 2
 
 
+def current_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs made with their row's current definition: a row whose config changed (a new
+    preset, other modules) keeps its old runs in the file, and they count no more."""
+    s, paths = results["settings"], {"train": "", "eval": ""}
+    return [run for key, run in results["runs"].items() if run["row"] in ROWS and key == _key(
+        _spec(run["row"], run["lr"], run["seed"], run["steps"], s, paths, run["loop"]))]
+
+
 def _sweep_losses(results: dict[str, Any], name: str) -> dict[float, float]:
     s = results["settings"]
-    return {run["lr"]: run["eval_loss"] for run in results["runs"].values()
+    return {run["lr"]: run["eval_loss"] for run in current_runs(results)
             if run["row"] == name and run["steps"] == s["sweep_steps"] and run["seed"] == 0
             and not run["loop"]}
 
@@ -324,7 +332,8 @@ def extended_rates(results: dict[str, Any], name: str) -> list[float]:
 def chosen_rates(results: dict[str, Any], rows: list[str]) -> dict[str, dict[str, Any]]:
     """Per row: the sweep's losses per rate and the rate with the lowest loss."""
     out: dict[str, dict[str, Any]] = {}
-    for name in rows:
+    parents = [ROWS[name].of for name in rows if ROWS[name].of]
+    for name in dict.fromkeys([*rows, *parents]):  # an ablation's parent, even if not asked
         if ROWS[name].of:
             continue
         losses = _sweep_losses(results, name)
@@ -344,7 +353,7 @@ def chosen_rates(results: dict[str, Any], rows: list[str]) -> dict[str, dict[str
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     s = results["settings"]
     rates = results.get("rates", {})
-    finals = [run for run in results["runs"].values()
+    finals = [run for run in current_runs(results)
               if run["steps"] == s["steps"] and not run["loop"]
               and rates.get(run["row"], {}).get("lr") == run["lr"]]
     bases = [run["eval_loss_base"] for run in results["runs"].values() if "eval_loss_base" in run]
@@ -524,13 +533,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def finish(results: dict[str, Any]) -> dict[str, Any]:
-    # Every row with sweep runs gets its rate, also rows whose finals are still to come.
-    results["rates"] = {**chosen_rates(results, list(ROWS)), **results.get("rates", {})}
+    # Every row with sweep runs gets its rate (from its current runs), also rows whose
+    # finals are still to come.
+    results["rates"] = {**results.get("rates", {}), **chosen_rates(results, list(ROWS))}
     results["summary"] = summarise(results)
     results["targets"] = targets(results["summary"])
     s = results["settings"]
-    loop = [r for r in results["runs"].values() if r["loop"]]
-    direct = {(r["lr"], r["seed"]): r for r in results["runs"].values()
+    loop = [r for r in current_runs(results) if r["loop"]]
+    direct = {(r["lr"], r["seed"]): r for r in current_runs(results)
               if r["row"] == REFERENCE and r["steps"] == s["steps"] and not r["loop"]}
     results["checks"] = {"loop_vs_finetune": [
         abs(r["eval_loss"] - direct[(r["lr"], r["seed"])]["eval_loss"]) for r in loop

@@ -225,6 +225,35 @@ def test_frontier_rows_train_each_presets_own_module_set():
             assert TARGET_SETS[target_set]["llama"] in [list(row.targets) for row in rows]
 
 
+def test_frontier_counts_only_runs_of_each_rows_current_definition():
+    """A row whose config changed keeps its old runs in frontier.json; they must not mix
+    into its sweep or summary. An ablation row takes its parent's rate even when the
+    parent is not among the rows asked for."""
+    import argparse
+
+    from bench import bench_frontier as bf
+
+    s = bf.settings_for(argparse.Namespace(quick=False, steps=None, sweep_steps=None,
+                                           eval_chunks=48))
+    paths = {"train": "", "eval": ""}
+
+    def run(row: str, spec: dict, loss: float) -> tuple[str, dict]:
+        return bf._key(spec), {"row": row, "lr": spec["lr"], "seed": 0, "steps": spec["steps"],
+                               "loop": False, "eval_loss": loss}
+
+    current = bf._spec("compound_compact", 3e-3, 0, 60, s, paths)
+    stale = {**current, "config": {**current["config"],
+                                   "compound": {"preset": "compact", "blocks": 8}}}
+    parent = bf._spec("qpa_paper_qv", 1e-2, 0, 60, s, paths)
+    results = {"settings": s, "runs": dict([run("compound_compact", current, 2.8),
+                                            run("compound_compact", stale, 2.9),
+                                            run("qpa_paper_qv", parent, 2.7)])}
+    assert [r["eval_loss"] for r in bf.current_runs(results)] == [2.8, 2.7]
+    rates = bf.chosen_rates(results, ["compound_compact", "qpa_paper"])
+    assert rates["compound_compact"]["losses"] == {"0.003": 2.8}
+    assert rates["qpa_paper"] == {"lr": 1e-2, "from": "qpa_paper_qv"}
+
+
 def test_lr_schedule_warms_up_then_decays():
     config = parse_config({"train_file": "x.jsonl", "method": "lora", "steps": 100,
                            "train": {"lr": 1.0}})
