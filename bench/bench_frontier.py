@@ -77,9 +77,8 @@ ROWS: dict[str, Row] = {
     "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
     "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}},
                         targets=ALL_PROJECTIONS),
-    # Its rate comes from its q/v row's sweep (of=): no sweep of its own was run yet.
     "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}},
-                     targets=ALL_PROJECTIONS, of="qpa_paper_qv"),
+                     targets=ALL_PROJECTIONS),
     "qpa_compact_frozen": Row(
         "QPA compact, angles frozen", "QPA ablation",
         {"method": "qpa", "qpa": {"preset": "compact", "ablation": "frozen_angles"}},

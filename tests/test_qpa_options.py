@@ -244,14 +244,14 @@ def test_frontier_counts_only_runs_of_each_rows_current_definition():
     current = bf._spec("compound_compact", 3e-3, 0, 60, s, paths)
     stale = {**current, "config": {**current["config"],
                                    "compound": {"preset": "compact", "blocks": 8}}}
-    parent = bf._spec("qpa_paper_qv", 1e-2, 0, 60, s, paths)
+    parent = bf._spec("qpa_balanced_qv", 1e-2, 0, 60, s, paths)
     results = {"settings": s, "runs": dict([run("compound_compact", current, 2.8),
                                             run("compound_compact", stale, 2.9),
-                                            run("qpa_paper_qv", parent, 2.7)])}
+                                            run("qpa_balanced_qv", parent, 2.7)])}
     assert [r["eval_loss"] for r in bf.current_runs(results)] == [2.8, 2.7]
-    rates = bf.chosen_rates(results, ["compound_compact", "qpa_paper"])
+    rates = bf.chosen_rates(results, ["compound_compact", "qpa_balanced_qv_frozen"])
     assert rates["compound_compact"]["losses"] == {"0.003": 2.8}
-    assert rates["qpa_paper"] == {"lr": 1e-2, "from": "qpa_paper_qv"}
+    assert rates["qpa_balanced_qv_frozen"] == {"lr": 1e-2, "from": "qpa_balanced_qv"}
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -28,8 +28,8 @@ class QpaOptions(PresetSection):
     # trained circuit matters, until that is measured again on every projection.
     TARGET_SETS: ClassVar[dict[str, str]] = {"balanced": "all_linear", "paper": "all_linear"}
     # The frontier's sweep chose 1e-2 for all three (60 steps at 1e-3, 3e-3, 1e-2, 3e-2:
-    # balanced on every projection 2.874, 2.818, 2.778, 2.850; paper on q/v 2.874, 2.798,
-    # 2.773, 2.850 - paper on every projection has no sweep of its own yet).
+    # balanced on every projection 2.874, 2.818, 2.778, 2.850; paper on every projection
+    # 2.833, 2.758, 2.716, 2.824; on q/v 2.874, 2.798, 2.773, 2.850).
     LEARNING_RATES: ClassVar[dict[str, float]] = {
         "compact": 1e-2, "balanced": 1e-2, "paper": 1e-2,
     }
@@ -42,7 +42,7 @@ class QpaOptions(PresetSection):
         "steps, seeds 0-2): 80.1 % of LoRA r=4's held-out loss gain with 8.0 % of its "
         "parameters (loss 2.678 +- 0.015 vs 2.552 +- 0.008, base 3.187; q/v only: 71.6 %).",
         "paper": "Quality frontier (SmolLM2-135M, LoRA generated for every projection, 150 "
-        "steps, seeds 0-2, at the rate its q/v sweep chose): 86.5 % of LoRA r=4's held-out "
+        "steps, seeds 0-2): 86.5 % of LoRA r=4's held-out "
         "loss gain with 14.4 % of its parameters (loss 2.638 +- 0.014 vs 2.552 +- 0.008, base "
         "3.187; q/v only: 77.7 %).",
     }
