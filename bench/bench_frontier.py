@@ -66,6 +66,14 @@ def _lora(r: int) -> Row:
     return Row(f"LoRA r={r}", "LoRA", {"method": "lora", "lora": {"r": r, "alpha": 2 * r}})
 
 
+def _qpa(label: str, preset: str, ablation: str | None = None, *, family: str | None = None,
+         of: str | None = None, targets: tuple[str, ...] = tuple(TARGETS)) -> Row:
+    """A QPA row: a preset, optionally one of its ablations (which take ``of``'s rate)."""
+    options = {"preset": preset, **({"ablation": ablation} if ablation else {})}
+    return Row(label, family or ("QPA ablation" if ablation else "QPA"),
+               {"method": "qpa", "qpa": options}, of=of, targets=targets)
+
+
 ROWS: dict[str, Row] = {
     "lora_r1": _lora(1),
     "lora_r2": _lora(2),
@@ -74,37 +82,23 @@ ROWS: dict[str, Row] = {
     "vera_r16": Row("PEFT VeRA r=16", "VeRA", peft=("vera", {"r": 16})),
     "vera_r256": Row("PEFT VeRA r=256", "VeRA", peft=("vera", {"r": 256})),
     "oft": Row("PEFT OFT (blocks of 32)", "OFT", peft=("oft", {"r": 0, "oft_block_size": 32})),
-    "qpa_compact": Row("QPA compact", "QPA", {"method": "qpa", "qpa": {"preset": "compact"}}),
-    "qpa_balanced": Row("QPA balanced", "QPA", {"method": "qpa", "qpa": {"preset": "balanced"}},
-                        targets=ALL_PROJECTIONS),
-    "qpa_paper": Row("QPA paper", "QPA", {"method": "qpa", "qpa": {"preset": "paper"}},
-                     targets=ALL_PROJECTIONS),
-    "qpa_compact_frozen": Row(
-        "QPA compact, angles frozen", "QPA ablation",
-        {"method": "qpa", "qpa": {"preset": "compact", "ablation": "frozen_angles"}},
-        of="qpa_compact"),
-    "qpa_balanced_frozen": Row(
-        "QPA balanced, angles frozen", "QPA ablation",
-        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
-        of="qpa_balanced", targets=ALL_PROJECTIONS),
+    "qpa_compact": _qpa("QPA compact", "compact"),
+    "qpa_balanced": _qpa("QPA balanced", "balanced", targets=ALL_PROJECTIONS),
+    "qpa_paper": _qpa("QPA paper", "paper", targets=ALL_PROJECTIONS),
+    "qpa_compact_frozen": _qpa("QPA compact, angles frozen", "compact", "frozen_angles",
+                               of="qpa_compact"),
+    "qpa_balanced_frozen": _qpa("QPA balanced, angles frozen", "balanced", "frozen_angles",
+                                of="qpa_balanced", targets=ALL_PROJECTIONS),
     # The balanced and paper generators writing LoRA for q/v only (the presets before they
     # took every projection), and what the balanced circuit contributes there.
-    "qpa_balanced_qv": Row("QPA balanced, q/v only", "QPA ablation",
-                           {"method": "qpa", "qpa": {"preset": "balanced"}}),
-    "qpa_paper_qv": Row("QPA paper, q/v only", "QPA ablation",
-                        {"method": "qpa", "qpa": {"preset": "paper"}}),
-    "qpa_balanced_qv_frozen": Row(
-        "QPA balanced q/v, angles frozen", "QPA ablation",
-        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "frozen_angles"}},
-        of="qpa_balanced_qv"),
-    "qpa_balanced_qv_constant_p": Row(
-        "QPA balanced q/v, p constant (bits only)", "QPA ablation",
-        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "constant_p"}},
-        of="qpa_balanced_qv"),
-    "qpa_balanced_qv_random_p": Row(
-        "QPA balanced q/v, p random (untrained)", "QPA ablation",
-        {"method": "qpa", "qpa": {"preset": "balanced", "ablation": "random_p"}},
-        of="qpa_balanced_qv"),
+    "qpa_balanced_qv": _qpa("QPA balanced, q/v only", "balanced", family="QPA ablation"),
+    "qpa_paper_qv": _qpa("QPA paper, q/v only", "paper", family="QPA ablation"),
+    "qpa_balanced_qv_frozen": _qpa("QPA balanced q/v, angles frozen", "balanced",
+                                   "frozen_angles", of="qpa_balanced_qv"),
+    "qpa_balanced_qv_constant_p": _qpa("QPA balanced q/v, p constant (bits only)", "balanced",
+                                       "constant_p", of="qpa_balanced_qv"),
+    "qpa_balanced_qv_random_p": _qpa("QPA balanced q/v, p random (untrained)", "balanced",
+                                     "random_p", of="qpa_balanced_qv"),
     "compound_compact": Row("compound compact (q k v o gate up)", "compound",
                             {"method": "compound", "compound": {"preset": "compact"}},
                             targets=ALL_PROJECTIONS[:6]),
