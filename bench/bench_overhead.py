@@ -1,11 +1,6 @@
-"""QPA overhead: training-step time and peak memory of ``method: qpa`` against PEFT LoRA.
-
-Four variants, each on its own freshly loaded SmolLM2-135M-Instruct: stock PEFT LoRA (no qpa
-code), the library's ``method: lora``, and ``method: qpa`` on the statevector backend with
-update_every 1 and 4; one step as ``qpa.training.Trainer`` takes it, split into phases.
-Besides the interleaved timing: the generator's cycle alone, a ``torch.profiler`` attribution
-of one warm step, and peak memory in one child process per variant. docs/BENCHMARKS.md,
-section 3.
+"""QPA overhead: training-step time and peak memory of ``method: qpa`` against PEFT LoRA
+(stock PEFT, ``method: lora``, ``method: qpa`` with update_every 1 and 4), the generator's
+cycle alone and a ``torch.profiler`` attribution of one step. docs/BENCHMARKS.md, section 3.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import torch
 from torch import nn
 
 from bench import common
-from bench.common import QF, format_ratio
+from bench.common import QF, fmt, format_ratio
 
 NAME = "overhead"
 SECTION = "overhead"
@@ -45,10 +40,7 @@ OPTIONS = {
     "--threads": {"type": int, "default": 1, "help": "torch intra-op threads"},
     "--device": {"default": "auto", "choices": ["auto", "cpu", "cuda"]},
     "--memory-steps": {"type": int, "default": QF(2, 3)},
-    "--no-memory": {"action": "store_true", "help": "skip the memory child processes"},
-    "--no-profile": {"action": "store_true", "help": "profile only when the target is missed"},
     "--generator-repeats": {"type": int, "default": 30},
-    "--skip": {"action": "append", "default": [], "choices": VARIANTS},
 }
 
 
@@ -64,11 +56,6 @@ class Variant:
     trainable: int = 0
     step: int = 0
     losses: list[float] = field(default_factory=list)
-
-
-def pick_device(requested: str) -> torch.device:
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def build_variant(name: str, device: torch.device) -> Variant:
@@ -244,6 +231,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """A memory child: load, attach, train, report peaks. The kernel's resident high-water
     mark is reset after loading (``/proc/self/clear_refs``), so the loader's transient copy
     does not count as training memory."""
+    from qpa.training import pick_device
+
     torch.set_num_threads(spec["threads"])
     device = pick_device(spec["device"])
     batches = make_batches(spec["steps"], spec["batch_size"], spec["seq_len"], device)
@@ -297,26 +286,24 @@ def summarise(raw: dict[str, list[dict[str, Any]]], block_steps: int) -> dict[st
     ratios = {}
     for name, reference in (("qpa_u1", "lora"), ("qpa_u4", "lora"), ("lora", "peft_lora"),
                             ("qpa_u1", "peft_lora"), ("qpa_u4", "peft_lora")):
-        if name in raw and reference in raw:
-            paired = [a["total_s"] / b["total_s"]
-                      for a, b in zip(raw[name], raw[reference], strict=True)]
-            ratios[f"{name}/{reference}"] = {
-                "paired_median": median(paired), "paired": paired,
-                "of_medians": summary[name]["step_s_median_of_block_means"]
-                / summary[reference]["step_s_median_of_block_means"]}
+        paired = [a["total_s"] / b["total_s"]
+                  for a, b in zip(raw[name], raw[reference], strict=True)]
+        ratios[f"{name}/{reference}"] = {
+            "paired_median": median(paired), "paired": paired,
+            "of_medians": summary[name]["step_s_median_of_block_means"]
+            / summary[reference]["step_s_median_of_block_means"]}
     return {"variants": summary, "ratios": ratios}
 
 
 def run(args: Any) -> dict[str, Any]:
     from qpa.methods.qpa.options import QpaOptions
+    from qpa.training import pick_device
 
     started, device = time.perf_counter(), pick_device(args.device)
     torch.set_num_threads(args.threads)
-    facts = common.machine_facts()
-    names = [name for name in VARIANTS if name not in args.skip]
     batches = make_batches(8, args.batch_size, args.seq_len, device)
-    print(f"building {len(names)} variants on {device} ...", flush=True)
-    variants = {name: build_variant(name, device) for name in names}
+    print(f"building {len(VARIANTS)} variants on {device} ...", flush=True)
+    variants = {name: build_variant(name, device) for name in VARIANTS}
 
     def block(variant: Variant, steps: int) -> list[dict[str, float]]:
         return [train_step(variant, batches[variant.step % len(batches)], device)
@@ -325,9 +312,9 @@ def run(args: Any) -> dict[str, Any]:
     # Thrown away: first-touch allocations, lazy init. Any block_steps consecutive steps of
     # qpa_u4 hold one circuit window whatever the offset.
     warmup = {name: [s["total"] for s in block(variants[name], args.warmup_steps)]
-              for name in names}
-    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for index, order in common.rounds(names, args.rounds, shuffle=True):
+              for name in VARIANTS}
+    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for index, order in common.rounds(VARIANTS, args.rounds, shuffle=True):
         for name in order:
             steps = block(variants[name], args.block_steps)
             raw[name].append({"round": index, "order": order,
@@ -335,20 +322,13 @@ def run(args: Any) -> dict[str, Any]:
                               "total_s": sum(s["total"] for s in steps), "steps": steps})
         print(f"round {index + 1}/{args.rounds}: " + ", ".join(
             f"{n} {raw[n][-1]['total_s'] / args.block_steps:.2f}s" for n in order), flush=True)
-    summary = summarise(raw, args.block_steps)
     first_losses = {name: v.losses[0] for name, v in variants.items()}
     spread = max(first_losses.values()) - min(first_losses.values())
     quantum = {name: v.method.quantum_report() for name, v in variants.items()
                if v.method is not None and v.method.quantum_report() is not None}
-    qpa = next((v for v in variants.values() if v.name.startswith("qpa")), None)
-    num_values = qpa.method.generator.num_values if qpa is not None else None
-    worst = max((summary["ratios"][key]["paired_median"] for key in ("qpa_u1/lora", "qpa_u4/lora")
-                 if key in summary["ratios"]), default=float("nan"))
-    profile = None
-    if {"lora", "qpa_u1"} <= set(names) and (worst > TARGET_RATIO or not args.no_profile):
-        print("profiling one step of lora and qpa_u1 ...", flush=True)
-        profile = profile_steps(variants, batches, device,
-                                variants["qpa_u1"].method.generator.num_values)
+    num_values = variants["qpa_u1"].method.generator.num_values
+    print("profiling one step of lora and qpa_u1 ...", flush=True)
+    profile = profile_steps(variants, batches, device, num_values)
     trainable = {name: v.trainable for name, v in variants.items()}
     tensors = {name: len(v.params) for name, v in variants.items()}
     for variant in variants.values():
@@ -356,18 +336,13 @@ def run(args: Any) -> dict[str, Any]:
             variant.method.close()
     del variants
     gc.collect()
-    generator = None if num_values is None else generator_cycle(num_values, device,
-                                                                args.generator_repeats)
-    memory: dict[str, Any] | None = None
-    if not args.no_memory:  # one fresh interpreter per variant, one after another
-        memory = {}
-        common.run_children("bench_overhead", [
-            {"variant": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "steps": args.memory_steps, "device": args.device, "threads": args.threads}
-            for name in names], lambda spec: spec["variant"], memory,
-            lambda spec, result: memory.__setitem__(spec["variant"], result), workers=1)
+    generator = generator_cycle(num_values, device, args.generator_repeats)
+    memory: dict[str, Any] = {}  # one fresh interpreter per variant, one after another
+    common.run_children("bench_overhead", [
+        {"variant": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
+         "steps": args.memory_steps, "device": args.device, "threads": args.threads}
+        for name in VARIANTS], lambda spec: spec["variant"], memory)
     return {
-        "name": NAME, "mode": "quick" if args.quick else "full", "machine": facts,
         "device": str(device),
         "settings": {
             "base_model": BASE_MODEL, "target_modules": TARGETS, "rank": RANK, "alpha": ALPHA,
@@ -383,52 +358,34 @@ def run(args: Any) -> dict[str, Any]:
         # At step 0 every adapter is the identity: the same batch must give the same loss.
         "checks": {"first_loss": first_losses, "first_loss_max_difference": spread,
                    "same_function_at_step_0": spread < 1e-4},
-        "timing": summary, "raw": raw, "warmup_s": warmup, "generator_cycle": generator,
-        "profile": profile, "memory": memory, "quantum_usage": quantum,
-        "wall_s": time.perf_counter() - started}
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:,.0f} ms"
-
-
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f} MiB"
+        "timing": summarise(raw, args.block_steps), "raw": raw, "warmup_s": warmup,
+        "generator_cycle": generator, "profile": profile, "memory": memory,
+        "quantum_usage": quantum, "wall_s": time.perf_counter() - started}
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    timing, memory, s = results["timing"], results.get("memory") or {}, results["settings"]
+    timing, memory, s = results["timing"], results["memory"], results["settings"]
     rows = []
-    for name in [n for n in VARIANTS if n in timing["variants"]]:
+    for name in VARIANTS:
         entry, mem = timing["variants"][name], memory.get(name, {})
         ratio = {ref: timing["ratios"].get(f"{name}/{ref}", {}).get("paired_median")
                  for ref in ("lora", "peft_lora")}
         hooks = entry["phase_s_mean"]["hook_before"] + entry["phase_s_mean"]["hook_after"]
         rows.append([
             LABELS[name], f"{results['trainable_params'][name]:,}",
-            _ms(entry["step_s_median_of_block_means"]),
-            f"{_ms(entry['step_s_min'])} - {_ms(entry['step_s_max'])}",
+            fmt(entry["step_s_median_of_block_means"], "{:,.0f} ms", 1e3),
+            f"{fmt(entry['step_s_min'], '{:,.0f} ms', 1e3)} - "
+            f"{fmt(entry['step_s_max'], '{:,.0f} ms', 1e3)}",
             *["1 (reference)" if name == ref else format_ratio(ratio[ref])
               for ref in ("lora", "peft_lora")],
             f"{hooks * 1e3:.1f} ms" if name.startswith("qpa") else "-",
-            _mib(mem.get("cuda_peak_allocated_mib") or mem.get("peak_rss_training_mib")
-                 or mem.get("peak_rss_process_mib")), _mib(mem.get("training_increment_mib"))])
-    tables = [(["variant", "trainable params", "step (median)", "min-max", "vs LoRA (paired)",
-                "vs stock PEFT (paired)", "QPA hooks", "peak RSS", "training increment"], rows)]
-    gen, profile = results.get("generator_cycle"), results.get("profile")
-    if gen and profile and "lora" in timing["variants"] and "qpa_u1/lora" in timing["ratios"]:
-        lora_ms = timing["variants"]["lora"]["step_s_median_of_block_means"] * 1e3
-        parts, paired = gen["median_ms"], timing["ratios"]["qpa_u1/lora"]["paired"]
-        net = profile["qpa_extra_ms"] - profile["lora_extra_ms"]
-        tables.append((
-            ["generator alone: circuit + gradient / MLP fwd + bwd", "share of a LoRA step",
-             "paired qpa_u1 / LoRA, per round", "profile: QPA's extra calls / LoRA's",
-             "expected ratio from the profile", "full-length tensor ops"],
-            [[f"{parts['refresh'] + parts['push']:.1f} / {parts['forward'] + parts['backward']:.1f}"
-              f" ms ({gen['num_qubits']} qubits)", f"{gen['total_median_ms'] / lora_ms:.1%}",
-              f"{min(paired):.3f}-{max(paired):.3f}", f"{profile['qpa_extra_ms']:.1f} / "
-              f"{profile['lora_extra_ms']:.1f} ms", f"{1 + net / lora_ms:.3f}x",
-              f"{profile['full_vector_ops_ms']:.1f} ms"]]))
+            fmt(mem.get("cuda_peak_allocated_mib") or mem.get("peak_rss_training_mib")
+                or mem.get("peak_rss_process_mib"), "{:,.0f} MiB"),
+            fmt(mem.get("training_increment_mib"), "{:,.0f} MiB")])
+    gen, profile = results["generator_cycle"], results["profile"]
+    lora_ms = timing["variants"]["lora"]["step_s_median_of_block_means"] * 1e3
+    parts, paired = gen["median_ms"], timing["ratios"]["qpa_u1/lora"]["paired"]
+    net = profile["qpa_extra_ms"] - profile["lora_extra_ms"]
     first = results["checks"]
     return common.markdown(
         common.measured(results, f"{results['device']}, {s['threads']} torch thread(s), batch "
@@ -437,13 +394,22 @@ def render_markdown(results: dict[str, Any]) -> str:
                         f"memory over {s['memory_steps']} steps; first losses "
                         + ("agree." if first["same_function_at_step_0"] else
                            f"DISAGREE by {first['first_loss_max_difference']:.1e}.")),
-        *tables, plot=("QPA overhead", NAME))
+        (["variant", "trainable params", "step (median)", "min-max", "vs LoRA (paired)",
+          "vs stock PEFT (paired)", "QPA hooks", "peak RSS", "training increment"], rows),
+        (["generator alone: circuit + gradient / MLP fwd + bwd", "share of a LoRA step",
+          "paired qpa_u1 / LoRA, per round", "profile: QPA's extra calls / LoRA's",
+          "expected ratio from the profile", "full-length tensor ops"],
+         [[f"{parts['refresh'] + parts['push']:.1f} / {parts['forward'] + parts['backward']:.1f}"
+           f" ms ({gen['num_qubits']} qubits)", f"{gen['total_median_ms'] / lora_ms:.1%}",
+           f"{min(paired):.3f}-{max(paired):.3f}", f"{profile['qpa_extra_ms']:.1f} / "
+           f"{profile['lora_extra_ms']:.1f} ms", f"{1 + net / lora_ms:.3f}x",
+           f"{profile['full_vector_ops_ms']:.1f} ms"]]),
+        plot=("QPA overhead", NAME))
 
 
 def plot(results: dict[str, Any]) -> None:
     """Stacked per-phase step time of every variant, and peak memory beside it."""
-    timing, memory = results["timing"]["variants"], results.get("memory") or {}
-    names = [n for n in VARIANTS if n in timing]
+    timing, memory, names = results["timing"]["variants"], results["memory"], VARIANTS
 
     def draw(left: Any, right: Any) -> None:
         bottom = [0.0] * len(names)

@@ -1,10 +1,5 @@
-"""QNN simulation speed: forward + backward of p(theta) for the QPA ansatz, against peers.
-
-Every contestant (``bench/qnn_worker.py``: ours in float64 and float32, PennyLane, Qiskit ML,
-TorchQuantum) runs in its own worker process with the same threads; the contestants must agree
-on p and its gradient at ``--verify-n`` before they are timed in interleaved turns. One whose
-step exceeds ``--cap`` seconds is not run at larger n; one still running at twice the cap is
-killed. docs/BENCHMARKS.md, section 1.
+"""QNN simulation speed: forward + backward of p(theta) for the QPA ansatz, against peers,
+each contestant in its own ``bench/qnn_worker.py`` process. docs/BENCHMARKS.md, section 1.
 """
 
 from __future__ import annotations
@@ -41,7 +36,6 @@ OPTIONS = {
     "--cap": {"type": float, "default": 30.0,
               "help": "seconds; a contestant slower than this per step stops growing n"},
     "--verify-n": {"type": int, "default": 8, "help": "qubits at which all must agree"},
-    "--skip": {"action": "append", "default": [], "choices": PEERS, "help": "leave a peer out"},
 }
 
 
@@ -231,7 +225,7 @@ def run(args: Any) -> dict[str, Any]:
              else [8, 12, 14, 16] if args.quick else list(range(8, 21, 2)))
     started = time.perf_counter()
     workers, unavailable = start_workers(
-        list(OURS) + [p for p in PEERS if p not in args.skip], args.threads)
+        list(OURS + PEERS), args.threads)
     try:
         versions = {name: worker.call({"cmd": "info"}, timeout=60)["versions"]
                     for name, worker in workers.items()}
@@ -245,8 +239,6 @@ def run(args: Any) -> dict[str, Any]:
         for worker in workers.values():
             worker.close()
     return {
-        "name": NAME, "mode": "quick" if args.quick else "full",
-        "machine": common.machine_facts(),
         "settings": {"depth": DEPTH, "sizes": sizes, "reps": args.reps, "cap_s": args.cap,
                      "threads_per_contestant": args.threads, "seed": SEED,
                      "loss": "sum(w * p), w ~ N(0, 1) fixed; timed = forward + backward",

@@ -1,13 +1,7 @@
-"""QPU settings: held-out quality of QPA compact under shots, update_every and device noise.
-
-The quality frontier's workload (QPA compact, lr 1e-2, 150 steps, seed 0, held-out loss of
-the exported adapter through stock PEFT): exact statevector and Aer's noiseless sampler at
-256, 1,024 and 4,096 shots, each at update_every 1, 4, 16, 64; and, with the angles frozen
-(device noise reaches the adapter only through p), exact, noiseless shots and FakeFez's noise
-at 1,024 shots. Each row is priced by ``qpa.estimate`` on ibm_fez; the cheapest that keeps
-``KEEP`` of exact QPA's gain is the recommendation, which ``quantum.preset: qpu-economy`` must
-equal (tests/test_qpu_preset.py). Resumable; ``--quick`` writes ``qpu_quick.json``.
-docs/BENCHMARKS.md, section 9.
+"""QPU settings: held-out quality of QPA compact under shots, update_every and device noise,
+each row priced by ``qpa.estimate`` on ibm_fez. The cheapest keeping ``KEEP`` of exact QPA's
+gain must be ``quantum.preset: qpu-economy`` (tests/test_qpu_preset.py). docs/BENCHMARKS.md,
+section 9.
 """
 
 from __future__ import annotations
@@ -91,21 +85,13 @@ def job_config(name: str, s: dict[str, Any], data: dict[str, str]) -> dict[str, 
     }
 
 
-# -- one run (in its own process) -----------------------------------------------------------
-
-
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one row with the product's path, evaluate its adapter with stock PEFT, and
     price it with ``qpa.estimate`` on the timing backend."""
     import torch
-    from peft import PeftModel
 
-    from bench.bench_frontier import _evaluate
     from qpa.config import parse_config
-    from qpa.data import fixed_batches, tokenize_records
     from qpa.estimate import estimate_job
-    from qpa.models import load_base_model
-    from qpa.records import read_jsonl
     from qpa.training import finetune
 
     torch.set_num_threads(1)
@@ -128,22 +114,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             result["estimated_qpu_seconds"] = estimate.qpu_seconds
             result["estimate_matches_run"] = (estimate.jobs, estimate.circuits) == (
                 quantum["jobs"], quantum["circuits"])
-        base, tokenizer, _ = load_base_model(BASE_MODEL, "cpu")
-        examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
-                                    config["train"]["max_length"], "eval_file")
-        eval_set = fixed_batches(examples, config["train"]["batch_size"],
-                                 spec["eval_batches"], tokenizer.pad_token_id)
-        if spec["row"] == REFERENCE:
-            result["eval_loss_base"] = _evaluate(base, eval_set)
-        result["eval_loss"] = _evaluate(PeftModel.from_pretrained(base, output / "adapter"),
-                                        eval_set)
+        result.update(common.held_out_loss(config, output / "adapter", spec["eval_batches"],
+                                           with_base=spec["row"] == REFERENCE))
     finally:
         shutil.rmtree(output, ignore_errors=True)
     result["wall_seconds"] = time.perf_counter() - wall
     return result
-
-
-# -- scheduling -----------------------------------------------------------------------------
 
 
 def _key(spec: dict[str, Any]) -> str:
@@ -152,23 +128,8 @@ def _key(spec: dict[str, Any]) -> str:
     return f"{spec['row']}|{digest}"
 
 
-def run_specs(specs: list[dict[str, Any]], results: dict[str, Any], workers: int) -> None:
-    """Run what is missing, ``workers`` processes at a time; save after every finished run."""
-    def finished(spec: dict[str, Any], result: dict[str, Any]) -> None:
-        run = results["runs"][_key(spec)] = {"row": spec["row"], **result}
-        print(f"{spec['row']}: eval loss {run['eval_loss']:.4f}, {run['jobs']} jobs "
-              f"({run['wall_seconds']:.0f} s)", flush=True)
-        save(results)
-
-    common.run_children("bench_qpu", specs, _key, results["runs"], finished, workers)
-
-
 def save(results: dict[str, Any]) -> None:
-    """Quick runs keep their own (gitignored) file: a smoke test never replaces the numbers."""
-    write_json(NAME if results["mode"] == "full" else f"{NAME}_quick", results)
-
-
-# -- summary --------------------------------------------------------------------------------
+    write_json(common.quick_name(NAME, results), results)
 
 
 def preset_of(name: str) -> dict[str, dict[str, Any]]:
@@ -245,10 +206,6 @@ def render_markdown(results: dict[str, Any]) -> str:
          choices))
 
 
-
-# -- the benchmark ----------------------------------------------------------------------------
-
-
 def settings_for(quick: bool) -> dict[str, Any]:
     return {"steps": 4 if quick else 150, "batch_size": 4, "max_length": 32 if quick else 128,
             "eval_batches": 2 if quick else 12,
@@ -257,8 +214,6 @@ def settings_for(quick: bool) -> dict[str, Any]:
 
 
 def run(args: Any) -> dict[str, Any]:
-    from qpa.datasets import write_pydoc_dataset
-
     s = settings_for(args.quick)
     rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
     previous = read_json(NAME) if not args.quick else None
@@ -266,19 +221,21 @@ def run(args: Any) -> dict[str, Any]:
     results = previous if same else {"mode": "quick" if args.quick else "full",
                                      "settings": s, "runs": {}}
     results["machine"] = common.machine_facts()
-    data_dir = Path(tempfile.mkdtemp(prefix="qpu-data-"))
-    train, evaluation = write_pydoc_dataset(data_dir)
-    data = {"train": str(train), "eval": str(evaluation)}
     started = time.perf_counter()
-    try:
+
+    def record(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        print(f"{spec['row']}: eval loss {result['eval_loss']:.4f}, {result['jobs']} jobs "
+              f"({result['wall_seconds']:.0f} s)", flush=True)
+        return {"row": spec["row"], **result}
+
+    with common.pydoc_data() as data:
         # Slowest first, so that two workers finish together.
         order = sorted(rows, key=lambda name: (ROWS[name]["update_every"],
                                                -(ROWS[name]["shots"] or 0)))
         specs = [{"row": name, "config": job_config(name, s, data),
                   "eval_batches": s["eval_batches"]} for name in order]
-        run_specs(specs, results, args.workers)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        common.run_children("bench_qpu", specs, _key, results["runs"], args.workers, record,
+                            lambda: save(results))
     results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
     return finish(results)
 

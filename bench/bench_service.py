@@ -1,12 +1,6 @@
-"""Service: status-read latency and submission rate of the REST API, on loopback.
-
-Starts, as its own child processes, the service as ``qpa serve`` runs it (a real redis-server,
-one Celery worker, the API under uvicorn; SQLite, or with ``--database postgresql`` a
-PostgreSQL server it starts) and, beside it, the peer: a bare FastAPI app with the same routes
-answering a constant copy of the real job. Concurrent clients read a job's status and submit
-jobs, interleaved round by round with the peer; server CPU per request comes from
-``/proc/<pid>/stat``. ``--fanout`` instead measures SSE watchers of one job before and after
-the event fan-out, on PostgreSQL. docs/BENCHMARKS.md, section 6.
+"""Service: status-read latency and submission rate of the REST API against a bare FastAPI
+peer, on loopback (``--database postgresql``: on a PostgreSQL server it starts); ``--fanout``:
+SSE watchers of one job before and after the event fan-out. docs/BENCHMARKS.md, section 6.
 """
 
 from __future__ import annotations
@@ -29,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench import common
-from bench.common import QF, REPO_ROOT, package_versions, write_json
+from bench.common import QF, REPO_ROOT, fmt, package_versions, write_json
 from services.supervisor import (
     Supervisor,
     process_cpu_seconds,
     redis_server_binary,
     service_env,
-    wait_until,
 )
 
 NAME = "service"
@@ -68,7 +63,6 @@ OPTIONS = {
     "--watchers": {"type": int, "nargs": "+", "default": [1, 50, 200]},
     "--events": {"type": int, "default": 40, "help": "events per watcher level"},
     "--rate": {"type": float, "default": 10.0, "help": "events per second"},
-    "--variants": {"nargs": "+", "choices": ("before", "after"), "default": ["before", "after"]},
     "--before": {"default": BEFORE_REF, "help": "commit whose API is 'before'"},
 }
 
@@ -172,28 +166,21 @@ class WorkerControl:
 
 # -- setup and the store -------------------------------------------------------------------------
 
-def upload(api_url: str, headers: dict[str, str], path: Path, records: int) -> str:
+def upload(client: Any, path: Path, records: int) -> str:
     """Upload ``records`` pydoc topics as a JSONL training file; returns its file id."""
-    import httpx
-
     from qpa.datasets import pydoc_topics
 
     texts = list(pydoc_topics().values())[:records]
     path.write_text("".join(json.dumps({"text": text[:2000]}) + "\n" for text in texts))
-    with path.open("rb") as handle:
-        response = httpx.post(f"{api_url}/v1/files", headers=headers, timeout=30,
-                              files={"file": (path.name, handle, "application/jsonl")})
-    response.raise_for_status()
-    return response.json()["id"]
+    return client.upload_file(path)["id"]
 
 
 def job_body(model_dir: Path, file_id: str) -> dict[str, Any]:
-    """A QPA job on the tiny Llama (the service tests' config): 4 statevector steps."""
-    return {"base_model": str(model_dir), "method": "qpa", "backend": "statevector",
-            "train_file": file_id, "eval_file": file_id, "steps": 4, "lora": {"r": 2},
-            "qpa": {"chunk_size": 64, "depth": 1, "mlp_hidden": [8]},
-            "train": {"batch_size": 2, "max_length": 32, "checkpoint_every": 2,
-                      "eval_batches": 1, "sample_prompt": None}}
+    """The service tests' QPA job on the tiny Llama, 4 statevector steps; the method's
+    preset picks the modules."""
+    from tests.service.helpers import job_config
+
+    return job_config(model_dir, file_id, file_id, steps=4, lora={"r": 2})
 
 
 def in_store(database_url: str, work: Callable[[Any, Any], Any]) -> Any:
@@ -215,26 +202,6 @@ def cancel_queued(store: Any, session: Any) -> int:
 
     return int(session.execute(update(store.Job).where(store.Job.status == "queued").values(
         status="cancelled", cancel_requested=True, finished_at=store.utcnow())).rowcount or 0)
-
-
-def run_real_job(api_url: str, key: str, body: dict[str, Any],
-                 timeout: float) -> tuple[dict[str, Any], float]:
-    """Submit one job and wait until the worker finishes it; returns (job, seconds)."""
-    import httpx
-
-    started = time.monotonic()
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=30) as client:
-        response = client.post("/v1/jobs", json=body)
-        response.raise_for_status()
-        job_id = response.json()["id"]
-
-        def finished() -> dict[str, Any] | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["status"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, timeout, f"job {job_id} to finish", 0.25)
-    return job, time.monotonic() - started
 
 
 def redis_version() -> str | None:
@@ -334,20 +301,13 @@ async def _run_slice(target: Target, clients: int, max_requests: int, max_second
     return result
 
 
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return math.nan
-    position = (len(sorted_values) - 1) * fraction
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+def percentile(values: list[float], fraction: float) -> float:
+    return float(np.percentile(values, 100 * fraction)) if values else math.nan
 
 
 def summarise(slices: list[Slice]) -> dict[str, Any]:
     """Pooled statistics of one phase (all its rounds), with the raw samples."""
-    samples = [value for piece in slices for value in piece.latencies_s]
-    ordered, ms = sorted(samples), 1e3
+    samples, ms = [value for piece in slices for value in piece.latencies_s], 1e3
     requests = sum(len(piece.latencies_s) + piece.errors for piece in slices)
     wall = sum(piece.wall_s for piece in slices)
     server_cpu = [piece.server_cpu_s for piece in slices if piece.server_cpu_s is not None]
@@ -362,10 +322,10 @@ def summarise(slices: list[Slice]) -> dict[str, Any]:
         "wall_s": wall, "per_second": len(samples) / wall if wall else math.nan,
         "latency_ms": {
             "mean": statistics.fmean(samples) * ms if samples else math.nan,
-            **{f"p{round(q * 100)}": percentile(ordered, q) * ms for q in (0.5, 0.9, 0.99)},
-            "min": ordered[0] * ms if ordered else math.nan,
-            "max": ordered[-1] * ms if ordered else math.nan},
-        "round_p50_ms": [percentile(sorted(piece.latencies_s), 0.5) * ms for piece in slices],
+            **{f"p{round(q * 100)}": percentile(samples, q) * ms for q in (0.5, 0.9, 0.99)},
+            "min": min(samples, default=math.nan) * ms,
+            "max": max(samples, default=math.nan) * ms},
+        "round_p50_ms": [percentile(piece.latencies_s, 0.5) * ms for piece in slices],
         "round_per_second": [len(piece.latencies_s) / piece.wall_s if piece.wall_s else math.nan
                              for piece in slices],
         # /proc ticks are 10 ms: meaningful over a phase, not per request.
@@ -387,20 +347,22 @@ def _raise_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the servers
 
 
-def run(args: Any) -> dict[str, Any] | None:
+def run(args: Any) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # run_all's budget, a user's kill
     return run_fanout(args) if args.fanout else run_service(args)
 
 
 def run_service(args: Any) -> dict[str, Any]:
     from services import store
+    from services.client import QPAClient
+    from tests.service.helpers import wait_for_status
     from tests.service.servers import PostgresServer, postgres_bin_dir
 
     # Per phase (one target at one concurrency, all rounds): at most requests, seconds.
     read_cap, submit_cap = ((300, 3.0), (200, 4.0)) if args.quick else ((2000, 20.0),
                                                                          (1000, 20.0))
     warmup, drain_seconds = (2, 15.0) if args.quick else (5, 60.0)
-    started, facts = time.perf_counter(), common.machine_facts()
+    started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="qpa-bench-service-"))
     pg = None
     if args.database == "postgresql":
@@ -451,9 +413,12 @@ def run_service(args: Any) -> dict[str, Any]:
         key = in_store(database_url,
                        lambda store, session: store.create_api_key(session, "bench")[1])
         headers = {"Authorization": f"Bearer {key}"}
-        body = job_body(model_dir, upload(api_url, headers, root / "train.jsonl", 16))
         print("one real job through the worker ...", flush=True)
-        job, timings["real_job_s"] = run_real_job(api_url, key, body, 180.0)
+        mark = time.perf_counter()
+        with QPAClient(api_url, key, timeout=30) as client:
+            body = job_body(model_dir, upload(client, root / "train.jsonl", 16))
+            job = wait_for_status(client, client.create_job(body)["id"], timeout=180.0)
+        timings["real_job_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         payload = root / "payload.json"
         payload.write_text(json.dumps(job))
@@ -512,7 +477,6 @@ def run_service(args: Any) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
     return {
         "name": NAME if args.database == "sqlite" else f"{NAME}_{args.database}",
-        "mode": "quick" if args.quick else "full", "machine": facts,
         "versions": {**package_versions(SERVICE_PACKAGES), "redis-server": redis_version()},
         "settings": {
             "concurrency": args.concurrency, "rounds": args.rounds,
@@ -640,10 +604,10 @@ def _fanout_variant(children: Supervisor, variant: str, code: Path, pg: Any, roo
     """One API (this tree or ``before``, run from its own tree) on its own PostgreSQL
     database, watched by each number of SSE clients in turn (a queued job per level; no
     worker runs)."""
-    import httpx
     from sqlalchemy import create_engine, insert, update
 
     from services import store
+    from services.client import QPAClient
     from services.events import EventPublisher
 
     database, name = f"fanout_{variant}", f"api-{variant}"
@@ -664,14 +628,13 @@ def _fanout_variant(children: Supervisor, variant: str, code: Path, pg: Any, roo
                 id=store.new_id("key"), name="bench", key_hash=store.hash_key(plaintext),
                 prefix=plaintext[:12], created_at=store.utcnow()))
         headers = {"Authorization": f"Bearer {plaintext}"}
-        file_id = upload(api_url, headers, root / f"{variant}.jsonl", 8)
+        client = QPAClient(api_url, plaintext, timeout=30)
+        file_id = upload(client, root / f"{variant}.jsonl", 8)
         for watchers in args.watchers:
-            created = httpx.post(f"{api_url}/v1/jobs", headers=headers, timeout=30,
-                                 json=job_body(model_dir, file_id))
-            created.raise_for_status()
+            job_id = client.create_job(job_body(model_dir, file_id))["id"]
             entry = results[str(watchers)] = asyncio.run(_fanout_level(
-                api_url, children.pid(name), pg, database, engine, publisher, headers,
-                created.json()["id"], watchers, args))
+                api_url, children.pid(name), pg, database, engine, publisher, headers, job_id,
+                watchers, args))
             if entry["streams_opened"] < watchers:
                 print(f"--- api log (tail) ---\n{children.log(name)[-3000:]}", file=sys.stderr)
             print(f"fan-out {variant} x{watchers}: {entry['server_cpu_ms_per_event']:.2f} ms "
@@ -684,16 +647,17 @@ def _fanout_variant(children: Supervisor, variant: str, code: Path, pg: Any, roo
     finally:
         if name in children.children:
             children.stop(name)
+        client.close()
         publisher.close()
         engine.dispose()
     return results
 
 
-def run_fanout(args: Any) -> dict[str, Any] | None:
+def run_fanout(args: Any) -> dict[str, Any]:
     """The watcher benchmark on PostgreSQL: before (``args.before``) and after."""
     from tests.service.servers import PostgresServer, postgres_bin_dir
 
-    started, facts = time.perf_counter(), common.machine_facts()
+    started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="qpa-bench-fanout-"))
     if postgres_bin_dir() is None:
         raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
@@ -712,22 +676,18 @@ def run_fanout(args: Any) -> dict[str, Any] | None:
             ["git", "archive", args.before], cwd=REPO_ROOT, check=True,
             capture_output=True).stdout)
         for variant, code in (("before", before), ("after", REPO_ROOT)):
-            if variant in args.variants:
-                results[variant] = _fanout_variant(children, variant, code, pg, root,
-                                                   model_dir, args)
+            results[variant] = _fanout_variant(children, variant, code, pg, root, model_dir,
+                                               args)
     finally:
         children.stop_all()
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
-    if set(results) != {"before", "after"}:
-        print(json.dumps(results, indent=1))  # a partial run: no table, nothing written
-        return None
     return {
-        "name": FANOUT_NAME, "machine": facts,
+        "name": FANOUT_NAME,
         "versions": {**package_versions(SERVICE_PACKAGES), "redis-server": redis_version()},
         "settings": {"watchers": args.watchers, "events_per_level": args.events,
                      "event_rate_per_s": args.rate, "before": args.before,
-                     "after": facts.get("git_commit"), "database": "postgresql",
+                     "after": common.git_commit(), "database": "postgresql",
                      "statements": "pg_stat_statements calls of the API's role in its "
                                    "database (BEGIN/COMMIT included)",
                      "events_from": "the benchmark commits step events and publishes them "
@@ -739,34 +699,40 @@ def run_fanout(args: Any) -> dict[str, Any] | None:
 # -- results -------------------------------------------------------------------------------------
 
 
+RATIO = "{:.2f}x"
+
+
 def _ms(value: float | None) -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+    return fmt(value, "{:.2f}" if value is not None and value < 10 else "{:.1f}")
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.2f}x"
+def _pair(first: float, second: float, unit: str = "") -> str:
+    return f"{_ms(first)} / {_ms(second)}{unit}"
+
+
+def _render_fanout(results: dict[str, Any]) -> str:
+    s, by = results["settings"], results["results"]
+
+    def pair(watchers: int, key: str, template: str) -> str:
+        return " / ".join(template.format(by[v][str(watchers)][key]) for v in ("before", "after"))
+
+    return common.markdown(
+        common.measured(results, f"PostgreSQL 15 with pg_stat_statements; before: commit "
+                        f"{s['before']}, after: {s['after']}; {s['events_per_level']} "
+                        f"events at {s['event_rate_per_s']:g}/s per level."),
+        (["watchers", "server CPU ms per event: before / after",
+          "SQL statements per event: before / after",
+          "streams that got every event: before / after",
+          "last event delivered after (s): before / after"],
+         [[str(w), pair(w, "server_cpu_ms_per_event", "{:.2f}"),
+           pair(w, "statements_per_event", "{:.1f}"),
+           f"{pair(w, 'streams_with_every_event', '{}')} of {w}", pair(w, "wall_s", "{:.1f}")]
+          for w in s["watchers"]]))
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     if results["name"] == FANOUT_NAME:
-        s, by = results["settings"], results["results"]
-        return common.markdown(
-            common.measured(results, f"PostgreSQL 15 with pg_stat_statements; before: commit "
-                            f"{s['before']}, after: {s['after']}; {s['events_per_level']} "
-                            f"events at {s['event_rate_per_s']:g}/s per level."),
-            (["watchers", "server CPU ms per event: before / after",
-              "SQL statements per event: before / after",
-              "streams that got every event: before / after",
-              "last event delivered after (s): before / after"],
-             [[str(w), *[" / ".join(fmt.format(by[v][str(w)][key]) for v in ("before", "after"))
-                         for key, fmt in (("server_cpu_ms_per_event", "{:.2f}"),
-                                          ("statements_per_event", "{:.1f}"))],
-               f"{by['before'][str(w)]['streams_with_every_event']} / "
-               f"{by['after'][str(w)]['streams_with_every_event']} of {w}",
-               f"{by['before'][str(w)]['wall_s']:.1f} / {by['after'][str(w)]['wall_s']:.1f}"]
-              for w in s["watchers"]]))
+        return _render_fanout(results)
     s, versions, reads, subs = (results["settings"], results.get("versions", {}),
                                 results["reads"], results["submissions"])
     levels = [str(c) for c in s["concurrency"]]
@@ -777,23 +743,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         paired = [a / b for a, b in zip(ours["round_p50_ms"], bare["round_p50_ms"], strict=True)
                   if b and b == b and a == a]
         read_rows.append([
-            c, f"{_ms(lo['p50'])} / {_ms(lo['p99'])} ({_ms(lo['mean'])}, {_ms(lo['max'])})",
+            c, f"{_pair(lo['p50'], lo['p99'])} ({_ms(lo['mean'])}, {_ms(lo['max'])})",
             f"{ours['per_second']:.0f}",
-            f"{_ms(health['latency_ms']['p50'])} / {_ms(health['latency_ms']['p99'])}",
-            f"{_ms(hi['p50'])} / {_ms(hi['p99'])}", f"{bare['per_second']:.0f}",
-            f"{_ratio(lo['p50'] / hi['p50'])} ({', '.join(f'{r:.2f}' for r in paired)})",
-            f"{_ms(ours['server_cpu_ms_per_request'])} / "
-            f"{_ms(bare['server_cpu_ms_per_request'])} ms"])
+            _pair(health["latency_ms"]["p50"], health["latency_ms"]["p99"]),
+            _pair(hi["p50"], hi["p99"]), f"{bare['per_second']:.0f}",
+            f"{fmt(lo['p50'] / hi['p50'], RATIO)} ({', '.join(f'{r:.2f}' for r in paired)})",
+            _pair(ours["server_cpu_ms_per_request"], bare["server_cpu_ms_per_request"], " ms")])
         ours, bare = subs["submit"][c], subs["bare_submit"][c]
         lo, hi = ours["latency_ms"], bare["latency_ms"]
         submit_rows.append([
-            c, f"{ours['per_second']:.0f}",
-            f"{_ms(lo['p50'])} / {_ms(lo['p99'])} ({_ms(lo['max'])})",
+            c, f"{ours['per_second']:.0f}", f"{_pair(lo['p50'], lo['p99'])} ({_ms(lo['max'])})",
             str(ours["errors"] + bare["errors"]), f"{bare['per_second']:.0f}",
-            f"{_ms(hi['p50'])} / {_ms(hi['p99'])}",
-            _ratio(ours["per_second"] / bare["per_second"]),
-            f"{_ms(ours['server_cpu_ms_per_request'])} / "
-            f"{_ms(bare['server_cpu_ms_per_request'])} ms"])
+            _pair(hi["p50"], hi["p99"]), fmt(ours["per_second"] / bare["per_second"], RATIO),
+            _pair(ours["server_cpu_ms_per_request"], bare["server_cpu_ms_per_request"], " ms")])
 
     def cpu_ratio(kind: dict, ours: str, bare: str) -> float:
         return statistics.median(kind[ours][c]["server_cpu_ms_per_request"]
@@ -812,8 +774,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         ["server CPU per submission, ours / bare (median; issue 11: <= 1.5x)",
          f"{submit_cpu:.1f}x ({'met' if submit_cpu <= 1.5 else 'not met'})"],
         [f"/healthz p50 / status read p50, {levels[0]} client",
-         _ratio(reads["healthz"][levels[0]]["latency_ms"]["p50"]
-                / reads["status"][levels[0]]["latency_ms"]["p50"])],
+         fmt(reads["healthz"][levels[0]]["latency_ms"]["p50"]
+             / reads["status"][levels[0]]["latency_ms"]["p50"], RATIO)],
         ["most status reads per s, ours / bare",
          f"{max(reads['status'][c]['per_second'] for c in levels):.0f} / "
          f"{max(reads['bare'][c]['per_second'] for c in levels):.0f}"],

@@ -1,9 +1,6 @@
-"""What each optimisation of the statevector backend bought, measured side by side.
-
-Loads ``qpa/backends/statevector.py`` as it was at each commit of ``VERSIONS`` (``git show``;
-needs the history) and times forward + backward of the QPA ansatz (depth 8, loss sum(w * p))
-for every version in one process, interleaved, next to the working tree's version, after
-checking that each agrees with it to 1e-12. docs/BENCHMARKS.md, section 1.
+"""What each optimisation of the statevector backend bought: ``qpa/backends/statevector.py``
+as it was at each commit of ``VERSIONS`` (``git show``), timed in one process, interleaved,
+beside the working tree's. docs/BENCHMARKS.md, section 1.
 """
 
 from __future__ import annotations
@@ -102,9 +99,7 @@ def run(args: Any) -> dict[str, Any]:
                 too_slow.add(label)
         print(f"n={n}: " + ", ".join(f"{label} {format_seconds(runs[label][str(n)]['median_s'])}"
                                      for label in steps), flush=True)
-    return {"name": NAME, "mode": "quick" if args.quick else "full",
-            "machine": common.machine_facts(),
-            "settings": {"sizes": sizes, "depth": DEPTH, "reps": args.reps,
+    return {"settings": {"sizes": sizes, "depth": DEPTH, "reps": args.reps,
                          "threads": args.threads, "precision": "float64"},
             "versions": [{"label": label, "change": descriptions[label]} for label in classes],
             "runs": runs}

@@ -1,20 +1,20 @@
-"""The benchmark harness: machine facts, result files, interleaved rounds, tables, plots and the
-command line that every ``bench/bench_*.py`` shares.
+"""The benchmark harness every ``bench/bench_*.py`` shares: machine facts, result files,
+interleaved rounds, timing, tables, plots and the command line (``main``).
 
-A script defines ``NAME`` (its results are ``bench/results/<NAME>.json``), ``SECTION`` (its
-block of docs/BENCHMARKS.md), ``OPTIONS`` (argparse flags -> keyword arguments; a ``QF``
-default differs between quick and full mode), ``run(args) -> results`` and
-``render_markdown(results)``, which returns the block: one settings line, tables and a plot
-link, nothing else (commentary is written by hand outside the markers). Optional hooks:
-``plot``, ``save`` (instead of writing ``<NAME>.json``), ``finish`` (recompute a summary for
-``--docs-only``), ``failures`` (messages that make the exit status 1), ``run_one`` (one run in
-a child process, see ``run_children``) and ``SECTIONS`` (several blocks: section -> results
-name). ``python -m bench.<script>`` is ``main(module)``.
+A script defines ``NAME`` (``bench/results/<NAME>.json``), ``SECTION`` (its block of
+docs/BENCHMARKS.md), ``OPTIONS`` (argparse flags; a ``QF`` default differs between quick and
+full mode), ``run(args) -> results`` (``main`` adds ``name``, ``mode`` and ``machine`` where
+missing) and ``render_markdown(results)``: the block, one settings line and tables (plus a
+plot link), never commentary. Optional hooks: ``plot``, ``save`` (instead of writing
+``<NAME>.json``), ``finish`` (recompute a summary for ``--docs-only``), ``failures``
+(messages that make the exit status 1), ``run_one`` (one run in a child process, see
+``run_children``) and ``SECTIONS`` (several blocks: section -> results name).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,12 @@ def read_json(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def quick_name(name: str, results: dict[str, Any]) -> str:
+    """Quick runs of a resumable script keep their own file: a smoke test never replaces the
+    committed numbers."""
+    return name if results["mode"] == "full" else f"{name}_quick"
+
+
 # -- numbers and tables ------------------------------------------------------------------------
 
 
@@ -164,9 +171,12 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def format_ratio(ratio: float | None) -> str:
-    if ratio is None or math.isnan(ratio):
-        return "-"
-    return f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
+    return fmt(ratio, "{:.1f}x" if ratio is not None and ratio >= 10 else "{:.2f}x")
+
+
+def fmt(value: float | None, template: str, scale: float = 1.0) -> str:
+    """``template`` filled with ``value * scale``, or "-" for a missing value (None, NaN)."""
+    return "-" if value is None or math.isnan(value) else template.format(value * scale)
 
 
 Table = tuple[Sequence[str], Sequence[Sequence[Any]]]
@@ -253,12 +263,17 @@ def quiet() -> None:
         pass
 
 
+# -- training runs in child processes ---------------------------------------------------------
+
+
 def run_children(script: str, specs: list[dict[str, Any]], key: Callable[[dict], str],
-                 done: dict[str, Any], finished: Callable[[dict, dict], None],
-                 workers: int) -> None:
+                 done: dict[str, Any], workers: int = 1,
+                 record: Callable[[dict, dict], Any] = lambda spec, result: result,
+                 save: Callable[[], Any] = lambda: None) -> None:
     """``python -m bench.<script> --one SPEC`` for every spec whose key is not in ``done``,
-    ``workers`` processes at a time (each pinned to ``spec["threads"]``, default 1);
-    ``finished(spec, result)`` after each that succeeds, so a restart resumes."""
+    ``workers`` processes at a time (each pinned to ``spec["threads"]``, default 1). Each
+    that succeeds is stored as ``done[key] = record(spec, result)`` and ``save()`` runs, so a
+    restart resumes."""
     todo = [spec for spec in specs if key(spec) not in done]
     running: list[tuple[dict[str, Any], Path, subprocess.Popen]] = []
     while todo or running:
@@ -273,10 +288,57 @@ def run_children(script: str, specs: list[dict[str, Any]], key: Callable[[dict],
             running.remove(item)
             spec, out, process = item
             if process.returncode == 0:
-                finished(spec, json.loads(out.read_text()))
+                done[key(spec)] = record(spec, json.loads(out.read_text()))
+                save()
             else:
                 print(f"{key(spec)}: FAILED (exit {process.returncode})", flush=True)
             out.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def pydoc_data() -> Iterator[dict[str, str]]:
+    """The pydoc topics as train/eval JSONL files in a temporary folder: {"train", "eval"}."""
+    from qpa.datasets import write_pydoc_dataset
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        train, evaluation = write_pydoc_dataset(folder)
+        yield {"train": str(train), "eval": str(evaluation)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def held_out_loss(config: dict[str, Any], adapter: Path, batches: int,
+                  with_base: bool = False) -> dict[str, Any]:
+    """Token-weighted loss (as ``Trainer.evaluate``) of ``adapter`` loaded by stock
+    ``peft.PeftModel.from_pretrained`` on ``batches`` fixed batches of the job's eval file,
+    and with ``with_base`` of the base model alone."""
+    import torch
+    from peft import PeftModel
+
+    from qpa.data import fixed_batches, tokenize_records
+    from qpa.models import load_base_model
+    from qpa.records import read_jsonl
+
+    base, tokenizer, _ = load_base_model(config["base_model"], "cpu")
+    examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
+                                config["train"]["max_length"], "eval_file")
+    eval_set = fixed_batches(examples, config["train"]["batch_size"], batches,
+                             tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def loss(model: Any) -> float:
+        model.eval()
+        total, tokens = 0.0, 0
+        for batch in eval_set:
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+        return total / max(tokens, 1)
+
+    out = {"eval_loss_base": loss(base)} if with_base else {}
+    return {**out, "eval_loss": loss(PeftModel.from_pretrained(base, adapter)),
+            "eval_chunks": sum(len(batch["input_ids"]) for batch in eval_set)}
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -317,7 +379,7 @@ class QF(NamedTuple):
 def main(module: ModuleType, argv: list[str] | None = None) -> int:
     """Parse the common and the script's options; then run, save, plot and print the block
     (or, with ``--docs-only``, print the block of the committed results)."""
-    parser = argparse.ArgumentParser(description=(module.__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick version (a smoke test)")
     parser.add_argument("--docs-only", action="store_true",
                         help=f"only print the tables of bench/results/{module.NAME}.json")
@@ -341,10 +403,13 @@ def main(module: ModuleType, argv: list[str] | None = None) -> int:
             return 1
         results = getattr(module, "finish", lambda r: r)(results)
     else:
-        started = time.perf_counter()
+        started, facts = time.perf_counter(), machine_facts()
         results = module.run(args)
         if results is None:
             return 0
+        for key, value in (("name", module.NAME), ("mode", "quick" if args.quick else "full"),
+                           ("machine", facts)):
+            results.setdefault(key, value)
         getattr(module, "save", lambda r: write_json(module.NAME, r))(results)
         if hasattr(module, "plot"):
             module.plot(results)

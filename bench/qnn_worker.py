@@ -1,9 +1,6 @@
-"""One simulator under test, driven over stdin/stdout by ``bench_qnn_speed``.
-
-Each contestant runs in its own process, so the coordinator can interleave them, give all the
-same thread count and kill one past the time cap. TorchQuantum's worker runs under
-``bench/.venv-tq`` (qiskit < 1.0): this file imports only the standard library, numpy and
-torch at the top, never ``qpa`` or ``bench``.
+"""One simulator under test, driven over stdin/stdout by ``bench_qnn_speed`` (a process per
+contestant, so it can be killed past the time cap). TorchQuantum's worker runs under
+``bench/.venv-tq`` (qiskit < 1.0): only the standard library, numpy and torch at the top.
 
 Protocol, one JSON object per line each way (errors: ``{"ok": false, "error": ...}``):
 ``setup`` {n, depth, seed} -> {setup_s, first_call_s}; ``probs`` -> p in Qiskit order (qubit 0
@@ -63,8 +60,6 @@ class Contestant:
 
 
 class Ours(Contestant):
-    """qpa.backends.statevector.StatevectorBackend (float64 or float32)."""
-
     def __init__(self, precision: str):
         self.precision = precision
         self.dtype = torch.float64 if precision == "float64" else torch.float32
@@ -89,8 +84,6 @@ class Ours(Contestant):
 
 
 class PennyLane(Contestant):
-    """PennyLane default.qubit, torch interface, diff_method="backprop" (complex128)."""
-
     big_endian = True
 
     def setup(self, num_qubits, depth, theta, weights):
@@ -150,7 +143,7 @@ class QiskitML(Contestant):
 
 
 class TorchQuantum(Contestant):
-    """TorchQuantum 0.1.8 functional gates on a QuantumDevice (complex64 state)."""
+    """Functional gates on a QuantumDevice (complex64 state)."""
 
     big_endian = True
     dtype = torch.float32

@@ -1,13 +1,10 @@
 """Run every benchmark script and regenerate the tables of docs/BENCHMARKS.md.
 
-    python -m bench.run_all [--quick] [--only NAME ...] [--skip NAME ...] [--docs-only]
-
 Each ``bench/bench_*.py`` runs in its own process, one after another so they never compete for
 the cores, with its output in ``bench/results/<name>.log``; one that fails or runs past its
 budget is reported and the others still run. Then every block between ``<!-- BEGIN GENERATED:
-<section> -->`` and ``<!-- END GENERATED: <section> -->`` is rewritten from the JSON results
-(``bench.common`` says what a script provides); the rest of the document is hand-written and
-kept. A section whose results do not exist yet keeps its current text.
+<section> -->`` and ``<!-- END GENERATED: <section> -->`` is rewritten from the JSON results;
+the rest of the document is hand-written and kept.
 """
 
 from __future__ import annotations
@@ -124,7 +121,7 @@ def rewrite_doc(sections: dict[str, str], doc: Path = DOC) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="the quick version of every script (about 20 minutes in all)")
     parser.add_argument("--only", action="append", default=[], help="run only these scripts")
