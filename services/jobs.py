@@ -56,9 +56,13 @@ def prepare_config(session: Session, settings: Settings, owner_id: str,
             raise NotFoundError(f"{field}: no uploaded file {file_id!r} (upload it with "
                                 "POST /v1/files and pass the returned id)", field)
 
-    reason = unusable_reason(config.backend, settings)
-    if reason:
-        raise ConfigError("backend", reason)
+    # A classical job never runs a circuit: the server's default backend must not refuse it
+    # (an IBM default that is down would block every LoRA job). A backend the job names
+    # itself is still checked, so a typo or a forbidden device is reported, not ignored.
+    if config.uses_quantum or "backend" in body.model_fields_set:
+        reason = unusable_reason(config.backend, settings)
+        if reason:
+            raise ConfigError("backend", reason)
 
     quantum = config.quantum
     if quantum.max_qubits is None or quantum.max_qubits > settings.max_qubits:

@@ -331,3 +331,29 @@ def test_status_read_checks_key_and_owner_in_one_query(db: store.Store) -> None:
         row = store.read_job_as(connection, "qpa_mine", job_id)
         assert "was revoked" in store.key_problem(row.key_id, row.key_revoked_at,
                                                   row.key_expires_at, store.utcnow())
+
+
+def test_an_unusable_default_backend_refuses_quantum_jobs_only(db: store.Store,
+                                                                tmp_path: Path) -> None:
+    """The server's default backend matters to quantum methods only; a backend a job names
+    itself is checked whatever the method."""
+    from qpa.config import parse_config
+    from services.jobs import prepare_config
+
+    settings = Settings(home=tmp_path, default_backend="aer", allowed_backends=["statevector"])
+    with db.session() as session:
+        key, _ = store.create_api_key(session, "t")
+        file_id = store.new_id("file")
+        store.create_file(session, file_id=file_id, owner_id=key.id, filename="t.jsonl",
+                          size=10, records=1)
+
+        def prepare(**fields: str) -> dict:
+            return prepare_config(session, settings, key.id,
+                                  parse_config({"train_file": file_id, **fields}))
+
+        assert prepare(method="lora")["backend"] == "aer"  # recorded, never used
+        for fields in ({"method": "qpa"}, {"method": "lora", "backend": "aer"}):
+            with pytest.raises(ConfigError) as caught:
+                prepare(**fields)
+            assert caught.value.field == "backend" and "not allowed" in caught.value.reason
+        assert prepare(method="qpa", backend="statevector")["backend"] == "statevector"
