@@ -5,7 +5,8 @@ asks about); ``test_job_path.py`` checks what a classical job must never run. Th
 answers in this process (Starlette's TestClient) so that a profiler sees its calls; Redis,
 the SQLite store and the trainer are the real ones, and the worker's side is ``run_job``,
 which the Celery task calls. A file counts when one of its functions is called: module
-and class bodies (import time) do not.
+and class bodies (import time) do not. ``chains`` are the files on the call stack where the
+job changes hands (queued; adapter file written): the chain it passes through.
 """
 
 from __future__ import annotations
@@ -27,19 +28,47 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ("api", "qpa", "services", "worker")
 
 
+#: Where the job changes hands: the API puts it on the queue; the worker writes the adapter
+#: file (stock PEFT saves it with safetensors).
+HANDOFFS = {"enqueued": ("enqueue_job", "services/queue.py"),
+            "adapter written": ("save_file", "safetensors/torch.py")}
+
+
+def _project_file(filename: str) -> str | None:
+    path = Path(filename)
+    if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in PROJECT:
+        return path.relative_to(ROOT).as_posix()
+    return None
+
+
+def _stack_files(frame: FrameType | None) -> list[str]:
+    """The project files on the call stack, outermost first."""
+    files: list[str] = []
+    while frame is not None:
+        file = _project_file(frame.f_code.co_filename)
+        if file and file not in files:
+            files.insert(0, file)
+        frame = frame.f_back
+    return files
+
+
 class _Profiler:
     """Adds to ``into`` every project file whose functions run meanwhile, in any thread."""
 
     def __init__(self) -> None:
         self.into: set[str] | None = None
+        #: The project files on the stack at the two hand-offs (see ``HANDOFFS``).
+        self.chains: dict[str, list[str]] = {}
 
     def __call__(self, frame: FrameType, event: str, _arg: Any) -> None:
         code = frame.f_code
         if self.into is None or event != "call" or not code.co_flags & inspect.CO_NEWLOCALS:
             return
-        path = Path(code.co_filename)
-        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in PROJECT:
-            self.into.add(path.relative_to(ROOT).as_posix())
+        for name, (function, where) in HANDOFFS.items():
+            if code.co_name == function and code.co_filename.endswith(where):
+                self.chains.setdefault(name, _stack_files(frame))
+        if file := _project_file(code.co_filename):
+            self.into.add(file)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -93,6 +122,8 @@ def trace_job(method: str, home: Path, broker_url: str) -> dict[str, Any]:
             del body["backend"]  # the server's default, as most jobs have it
             if method != "qpa":
                 del body["qpa"]
+            if method == "compound":
+                body["compound"] = {"blocks": 4}  # the tiny model's 32 inputs: blocks of 8
             with profiler.recording(files["api"]):
                 response = client.post("/v1/jobs", json=body)
         assert response.status_code == 201, response.text
@@ -100,8 +131,12 @@ def trace_job(method: str, home: Path, broker_url: str) -> dict[str, Any]:
         with profiler.recording(files["worker"]):
             status = run_job(response.json()["id"], settings)
     every = files["api"] | files["worker"]
+    # The chain: the files the job passes through (the Celery task, worker/tasks.py, calls
+    # run_job in a worker; here the test calls it), not the helpers they call on the way.
+    chain = [file for stack in profiler.chains.values() for file in stack]
     return {"method": method, "status": status, "files": len(every),
-            **{side: sorted(ran) for side, ran in files.items()}}
+            **{side: sorted(ran) for side, ran in files.items()},
+            "chain_files": len(set(chain)), "chains": profiler.chains}
 
 
 if __name__ == "__main__":
