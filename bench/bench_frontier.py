@@ -8,13 +8,10 @@ restart skips what is done and a changed preset is run again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,33 +166,27 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     row, config = ROWS.get(spec["row"], Row(spec["row"], "variant")), spec["config"]
-    output = Path(tempfile.mkdtemp(prefix=f"frontier-{spec['row']}-"))
-    wall = time.perf_counter()
-    try:
-        if row.peft is None and not spec.get("loop"):
-            metrics = finetune(parse_config(config), output, resume=False)
-            events = [json.loads(line) for line in (output / "events.jsonl").open()]
-            result = {
-                "trainable_params": metrics["trainable_params"],
-                "train_losses": [e["loss"] for e in events if e["type"] == "step"],
-                "train_seconds": metrics["train_seconds"], "path": "qpa.training.finetune",
-                "trainer_eval_loss": metrics["eval_loss_after"],
-                "quantum": metrics.get("quantum") and {
-                    k: metrics["quantum"][k] for k in ("jobs", "circuits", "shots", "seconds")},
-                **{key: metrics[key] for key in ("num_qubits", "circuit_angles",
-                                                 "mapping_mlp_params", "oft_equivalent_params")
-                   if key in metrics},
-            }
-        else:
+
+    def train(output: Path) -> dict[str, Any]:
+        if row.peft is not None or spec.get("loop"):
             kind, options = row.peft or ("lora", {"r": 4, "lora_alpha": 8})
-            result = _loop(kind, options, config, output)
-        # The base loss is the same for every run: once per reference run.
-        result.update(common.held_out_loss(config, output / "adapter", spec["eval_batches"],
-                                           with_base=spec["row"] == REFERENCE))
-    finally:
-        shutil.rmtree(output, ignore_errors=True)
-    result["wall_seconds"] = time.perf_counter() - wall
-    return result
+            return _loop(kind, options, config, output)
+        metrics = finetune(parse_config(config), output, resume=False)
+        events = [json.loads(line) for line in (output / "events.jsonl").open()]
+        return {
+            "trainable_params": metrics["trainable_params"],
+            "train_losses": [e["loss"] for e in events if e["type"] == "step"],
+            "train_seconds": metrics["train_seconds"], "path": "qpa.training.finetune",
+            "trainer_eval_loss": metrics["eval_loss_after"],
+            "quantum": metrics.get("quantum") and {
+                k: metrics["quantum"][k] for k in ("jobs", "circuits", "shots", "seconds")},
+            **{key: metrics[key] for key in ("num_qubits", "circuit_angles",
+                                             "mapping_mlp_params", "oft_equivalent_params")
+               if key in metrics},
+        }
+
+    # The base loss is the same for every run: once per reference run.
+    return common.evaluated_run(spec, train, with_base=spec["row"] == REFERENCE)
 
 
 def save(results: dict[str, Any]) -> None:
@@ -206,13 +197,11 @@ def save(results: dict[str, Any]) -> None:
 
 
 def _key(spec: dict[str, Any]) -> str:
-    config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
+    config = common.without_data(spec["config"])
     if preset := _preset_options(config):  # a changed preset is a new run
         config["preset_options"] = preset
-    text = json.dumps({"row": spec["row"], "loop": spec["loop"], "config": config},
-                      sort_keys=True)
-    return f"{spec['row']}|lr={spec['lr']:g}|seed={spec['seed']}|steps={spec['steps']}|" \
-           + hashlib.sha1(text.encode()).hexdigest()[:8]
+    identity = common.digest({"row": spec["row"], "loop": spec["loop"], "config": config})
+    return f"{spec['row']}|lr={spec['lr']:g}|seed={spec['seed']}|steps={spec['steps']}|{identity}"
 
 
 def _preset_options(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -226,9 +215,9 @@ def _preset_options(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _spec(name: str, lr: float, seed: int, steps: int, s: dict[str, Any],
-          data: dict[str, str], loop: bool = False) -> dict[str, Any]:
-    row = ROWS[name]
-    config = _job_config(row, lr, seed, steps, s, data)
+          data: dict[str, str], loop: bool = False, row: Row | None = None) -> dict[str, Any]:
+    """One run of row ``name`` (or of ``row``, a research variant)."""
+    config = _job_config(row or ROWS[name], lr, seed, steps, s, data)
     return {"row": name, "lr": lr, "seed": seed, "steps": steps, "loop": loop,
             "config": config, "threads": s["threads"], "eval_batches": s["eval_batches"]}
 
@@ -420,20 +409,17 @@ def run_variants(args: argparse.Namespace) -> None:
         print(f"{spec['row']}: eval loss {result['eval_loss']:.4f}, "
               f"{result['trainable_params']:,} trainable parameters", flush=True)
         result.pop("train_losses", None)
-        config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
-        return {"name": spec["row"], "config": config, **result}
+        return {"name": spec["row"], "config": common.without_data(spec["config"]), **result}
 
     with common.pydoc_data() as data:
         specs = []
         for variant in json.loads(Path(args.variants).read_text()):
-            method, seed, lr = variant["method"], variant.get("seed", 0), variant["lr"]
+            method = variant["method"]
             row = Row(variant["name"], "variant", {"method": method,
                                                    method: variant.get("options", {})},
                       targets=tuple(variant.get("targets", TARGETS)))
-            specs.append({"row": row.label, "lr": lr, "seed": seed, "steps": s["sweep_steps"],
-                          "loop": False, "threads": s["threads"],
-                          "eval_batches": s["eval_batches"],
-                          "config": _job_config(row, lr, seed, s["sweep_steps"], s, data)})
+            specs.append(_spec(row.label, variant["lr"], variant.get("seed", 0),
+                               s["sweep_steps"], s, data, row=row))
         common.run_children("bench_frontier", specs, _key, results["runs"], args.workers,
                             record, lambda: write_json(VARIANTS, results))
 
@@ -443,16 +429,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         return run_variants(args)
     s = settings_for(args)
     rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
-    previous = read_json(NAME) if not args.quick else None
-    # Runs are keyed by their full config, so rows may change; the protocol may not.
-    protocol = [k for k in s if k != "lr_grid"]  # a wider grid keeps the runs it has
-    same = previous and all(previous["settings"].get(k) == s[k] for k in protocol)
-    results = previous if same else {
-        "mode": "quick" if args.quick else "full", "settings": s, "runs": {}}
-    results["settings"] = s
-    results["machine"] = common.machine_facts()
-    started = time.perf_counter()
-    with common.pydoc_data() as data:
+    # Runs are keyed by their full config, so rows may change; the protocol may not (but a
+    # wider grid keeps the runs it has).
+    with (common.resumed(NAME, args.quick, s, ignore=("lr_grid",)) as results,
+          common.pydoc_data() as data):
         sweep = [_spec(name, lr, 0, s["sweep_steps"], s, data) for name in rows
                  if not ROWS[name].of for lr in s["lr_grid"]]
         run_specs(sweep, results, args.workers)
@@ -466,7 +446,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             final.append(_spec(REFERENCE, results["rates"][REFERENCE]["lr"], 0, s["steps"], s,
                                data, loop=True))
         run_specs(final, results, args.workers)
-    results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
     return finish(results)
 
 

@@ -6,18 +6,13 @@ section 9.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.common import machine_line, read_json, write_json
+from bench.common import machine_line, write_json
 
 NAME = "qpu"
 SECTION = "qpu"
@@ -38,18 +33,14 @@ def _row(kind: str, backend: str, update_every: int, shots: int | None,
             "frozen": frozen}
 
 
-def all_rows() -> dict[str, dict[str, Any]]:
-    rows = {f"exact_ue{u}": _row("exact", "statevector", u, None) for u in (1, 4, 16, 64)}
-    for shots in (256, 1024, 4096):
-        for u in (1, 4, 16, 64):
-            rows[f"shots{shots}_ue{u}"] = _row("shots", "aer", u, shots)
-    rows["frozen_exact"] = _row("noise", "statevector", 1, None, frozen=True)
-    rows["frozen_shots1024"] = _row("noise", "aer", 1, 1024, frozen=True)
-    rows["frozen_fez1024"] = _row("noise", "ibm-fake:FakeFez", 1, 1024, frozen=True)
-    return rows
-
-
-ROWS = all_rows()
+ROWS = {
+    **{f"exact_ue{u}": _row("exact", "statevector", u, None) for u in (1, 4, 16, 64)},
+    **{f"shots{shots}_ue{u}": _row("shots", "aer", u, shots)
+       for shots in (256, 1024, 4096) for u in (1, 4, 16, 64)},
+    "frozen_exact": _row("noise", "statevector", 1, None, frozen=True),
+    "frozen_shots1024": _row("noise", "aer", 1, 1024, frozen=True),
+    "frozen_fez1024": _row("noise", "ibm-fake:FakeFez", 1, 1024, frozen=True),
+}
 QUICK_ROWS = ["exact_ue1", "shots256_ue4", "frozen_fez1024"]
 
 
@@ -96,9 +87,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     config = spec["config"]
-    output = Path(tempfile.mkdtemp(prefix=f"qpu-{spec['row']}-"))
-    wall = time.perf_counter()
-    try:
+
+    def train(output: Path) -> dict[str, Any]:
         metrics = finetune(parse_config(config), output, resume=False)
         quantum = metrics["quantum"]
         result: dict[str, Any] = {
@@ -114,18 +104,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             result["estimated_qpu_seconds"] = estimate.qpu_seconds
             result["estimate_matches_run"] = (estimate.jobs, estimate.circuits) == (
                 quantum["jobs"], quantum["circuits"])
-        result.update(common.held_out_loss(config, output / "adapter", spec["eval_batches"],
-                                           with_base=spec["row"] == REFERENCE))
-    finally:
-        shutil.rmtree(output, ignore_errors=True)
-    result["wall_seconds"] = time.perf_counter() - wall
-    return result
+        return result
+
+    return common.evaluated_run(spec, train, with_base=spec["row"] == REFERENCE)
 
 
 def _key(spec: dict[str, Any]) -> str:
-    config = {k: v for k, v in spec["config"].items() if k not in ("train_file", "eval_file")}
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{spec['row']}|{digest}"
+    return f"{spec['row']}|{common.digest(common.without_data(spec['config']))}"
 
 
 def save(results: dict[str, Any]) -> None:
@@ -214,21 +199,15 @@ def settings_for(quick: bool) -> dict[str, Any]:
 
 
 def run(args: Any) -> dict[str, Any]:
-    s = settings_for(args.quick)
     rows = args.rows.split(",") if args.rows else (QUICK_ROWS if args.quick else list(ROWS))
-    previous = read_json(NAME) if not args.quick else None
-    same = previous and previous["settings"] == s
-    results = previous if same else {"mode": "quick" if args.quick else "full",
-                                     "settings": s, "runs": {}}
-    results["machine"] = common.machine_facts()
-    started = time.perf_counter()
 
     def record(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         print(f"{spec['row']}: eval loss {result['eval_loss']:.4f}, {result['jobs']} jobs "
               f"({result['wall_seconds']:.0f} s)", flush=True)
         return {"row": spec["row"], **result}
 
-    with common.pydoc_data() as data:
+    s = settings_for(args.quick)
+    with common.resumed(NAME, args.quick, s) as results, common.pydoc_data() as data:
         # Slowest first, so that two workers finish together.
         order = sorted(rows, key=lambda name: (ROWS[name]["update_every"],
                                                -(ROWS[name]["shots"] or 0)))
@@ -236,7 +215,6 @@ def run(args: Any) -> dict[str, Any]:
                   "eval_batches": s["eval_batches"]} for name in order]
         common.run_children("bench_qpu", specs, _key, results["runs"], args.workers, record,
                             lambda: save(results))
-    results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
     return finish(results)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -295,6 +296,34 @@ def run_children(script: str, specs: list[dict[str, Any]], key: Callable[[dict],
             out.unlink(missing_ok=True)
 
 
+def digest(value: Any) -> str:
+    """Eight hex digits naming ``value`` (JSON, keys sorted): a run's config in its key."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def without_data(config: dict[str, Any]) -> dict[str, Any]:
+    """A job config without its data files, whose temporary paths say nothing of the run."""
+    return {k: v for k, v in config.items() if k not in ("train_file", "eval_file")}
+
+
+@contextlib.contextmanager
+def resumed(name: str, quick: bool, settings: dict[str, Any],
+            ignore: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    """The results a resumable script adds its keyed runs to (``results["runs"]``, filled by
+    ``run_children``): the committed ``<name>.json`` when its settings are these (the keys in
+    ``ignore`` aside), else a new file; quick runs always start afresh. ``wall_s`` adds up
+    the time spent inside over every session."""
+    previous = None if quick else read_json(name)
+    same = previous and all(previous["settings"].get(key) == value
+                            for key, value in settings.items() if key not in ignore)
+    results = previous if same else {"mode": "quick" if quick else "full",
+                                     "settings": settings, "runs": {}}
+    results.update(settings=settings, machine=machine_facts())
+    started = time.perf_counter()
+    yield results
+    results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
+
+
 @contextlib.contextmanager
 def pydoc_data() -> Iterator[dict[str, str]]:
     """The pydoc topics as train/eval JSONL files in a temporary folder: {"train", "eval"}."""
@@ -308,11 +337,13 @@ def pydoc_data() -> Iterator[dict[str, str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def held_out_loss(config: dict[str, Any], adapter: Path, batches: int,
+def evaluated_run(spec: dict[str, Any], train: Callable[[Path], dict[str, Any]],
                   with_base: bool = False) -> dict[str, Any]:
-    """Token-weighted loss (as ``Trainer.evaluate``) of ``adapter`` loaded by stock
-    ``peft.PeftModel.from_pretrained`` on ``batches`` fixed batches of the job's eval file,
-    and with ``with_base`` of the base model alone."""
+    """One run of a quality benchmark: ``train(folder)`` (in a temporary folder; it saves
+    ``folder / "adapter"``) and its numbers, then the token-weighted loss (as
+    ``Trainer.evaluate``) of that adapter loaded by stock ``peft.PeftModel.from_pretrained`` on
+    ``spec["eval_batches"]`` fixed batches of the job's eval file, with ``with_base`` of the
+    base model alone, and the wall time of it all."""
     import torch
     from peft import PeftModel
 
@@ -320,14 +351,8 @@ def held_out_loss(config: dict[str, Any], adapter: Path, batches: int,
     from qpa.models import load_base_model
     from qpa.records import read_jsonl
 
-    base, tokenizer, _ = load_base_model(config["base_model"], "cpu")
-    examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
-                                config["train"]["max_length"], "eval_file")
-    eval_set = fixed_batches(examples, config["train"]["batch_size"], batches,
-                             tokenizer.pad_token_id)
-
     @torch.no_grad()
-    def loss(model: Any) -> float:
+    def loss(model: Any, eval_set: list[dict[str, Any]]) -> float:
         model.eval()
         total, tokens = 0.0, 0
         for batch in eval_set:
@@ -336,9 +361,23 @@ def held_out_loss(config: dict[str, Any], adapter: Path, batches: int,
             tokens += count
         return total / max(tokens, 1)
 
-    out = {"eval_loss_base": loss(base)} if with_base else {}
-    return {**out, "eval_loss": loss(PeftModel.from_pretrained(base, adapter)),
-            "eval_chunks": sum(len(batch["input_ids"]) for batch in eval_set)}
+    config, folder = spec["config"], Path(tempfile.mkdtemp(prefix="bench-run-"))
+    wall = time.perf_counter()
+    try:
+        result = train(folder)
+        base, tokenizer, _ = load_base_model(config["base_model"], "cpu")
+        examples = tokenize_records(tokenizer, read_jsonl(config["eval_file"], "eval_file"),
+                                    config["train"]["max_length"], "eval_file")
+        eval_set = fixed_batches(examples, config["train"]["batch_size"], spec["eval_batches"],
+                                 tokenizer.pad_token_id)
+        if with_base:
+            result["eval_loss_base"] = loss(base, eval_set)
+        result["eval_loss"] = loss(PeftModel.from_pretrained(base, folder / "adapter"), eval_set)
+        result["eval_chunks"] = sum(len(batch["input_ids"]) for batch in eval_set)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["wall_seconds"] = time.perf_counter() - wall
+    return result
 
 
 # -- plots -------------------------------------------------------------------------------------
