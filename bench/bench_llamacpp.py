@@ -71,8 +71,7 @@ def build_llamacpp() -> dict[str, Any]:
     subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "-q", "--upgrade", "pip"],
                    check=True)
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
-    log = REPO_ROOT / "bench" / "results" / "llamacpp_build.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = common.results_path("llamacpp_build", ".log")
     started = time.perf_counter()
     with log.open("w") as handle:
         result = subprocess.run(

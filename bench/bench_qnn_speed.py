@@ -224,8 +224,7 @@ def run(args: Any) -> dict[str, Any]:
     sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes
              else [8, 12, 14, 16] if args.quick else list(range(8, 21, 2)))
     started = time.perf_counter()
-    workers, unavailable = start_workers(
-        list(OURS + PEERS), args.threads)
+    workers, unavailable = start_workers(list(OURS + PEERS), args.threads)
     try:
         versions = {name: worker.call({"cmd": "info"}, timeout=60)["versions"]
                     for name, worker in workers.items()}

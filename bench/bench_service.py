@@ -139,7 +139,8 @@ class WorkerControl:
         self.destination = destination
         self.redis = redis.Redis.from_url(broker_url)
 
-    def _control(self, action: str) -> None:
+    def consumer(self, action: str) -> None:
+        """``cancel_consumer`` or ``add_consumer`` of the queue on the worker."""
         method = getattr(self.app.control, action)
         # Celery's remote control ("pidbox") goes through Redis like the tasks do.
         for _ in range(5):
@@ -148,12 +149,6 @@ class WorkerControl:
             if replies:
                 return
         raise RuntimeError(f"worker {self.destination} did not answer {action}")
-
-    def stop_consuming(self) -> None:
-        self._control("cancel_consumer")
-
-    def start_consuming(self) -> None:
-        self._control("add_consumer")
 
     def queued_messages(self) -> int:
         # kombu's Redis transport keeps a queue as a list under the queue's name.
@@ -437,7 +432,7 @@ def run_service(args: Any) -> dict[str, Any]:
         control = WorkerControl(children.env["QPA_BROKER_URL"],
                                 f"{worker_name}@{os.uname().nodename}")
         try:  # the worker stays up but does not train the submitted jobs meanwhile
-            control.stop_consuming()
+            control.consumer("cancel_consumer")
             queued_before = control.queued_messages()
             submit_results, created, worker_submits = phases(submits, submit_cap,
                                                              args.concurrency)
@@ -450,7 +445,7 @@ def run_service(args: Any) -> dict[str, Any]:
                 [reads[0], reads[2]], read_cap, [after_clients])[0].items()}
             reads_after["clients"] = after_clients
             cancelled = in_store(database_url, cancel_queued)
-            control.start_consuming()
+            control.consumer("add_consumer")
             mark, remaining = time.perf_counter(), queued
             while time.perf_counter() < mark + drain_seconds:  # the worker skips each message
                 if (remaining := control.queued_messages()) == 0:
