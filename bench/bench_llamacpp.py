@@ -65,9 +65,7 @@ def llamacpp_python() -> Path | None:
 
 def build_llamacpp() -> dict[str, Any]:
     """Create bench/.venv-llamacpp and compile llama-cpp-python into it; time the build."""
-    if VENV.exists():
-        shutil.rmtree(VENV)
-    venv.EnvBuilder(with_pip=True).create(VENV)
+    venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "-q", "--upgrade", "pip"],
                    check=True)
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}

@@ -339,11 +339,11 @@ def pydoc_data() -> Iterator[dict[str, str]]:
 
 def evaluated_run(spec: dict[str, Any], train: Callable[[Path], dict[str, Any]],
                   with_base: bool = False) -> dict[str, Any]:
-    """One run of a quality benchmark: ``train(folder)`` (in a temporary folder; it saves
-    ``folder / "adapter"``) and its numbers, then the token-weighted loss (as
-    ``Trainer.evaluate``) of that adapter loaded by stock ``peft.PeftModel.from_pretrained`` on
-    ``spec["eval_batches"]`` fixed batches of the job's eval file, with ``with_base`` of the
-    base model alone, and the wall time of it all."""
+    """One run of a quality benchmark: what ``train(folder)`` returns (it trains in a temporary
+    folder and saves ``folder / "adapter"``), that adapter's token-weighted loss (as
+    ``Trainer.evaluate``; loaded by stock ``peft.PeftModel.from_pretrained``) on
+    ``spec["eval_batches"]`` fixed batches of the job's eval file, with ``with_base`` the base
+    model's alone too, and the wall time of it all."""
     import torch
     from peft import PeftModel
 
