@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import (
@@ -225,9 +227,14 @@ def resolve_target_modules(model: PreTrainedModel, requested: list[str] | None,
 
 
 def matches_target(name: str, targets: list[str]) -> bool:
-    """PEFT's rule for a list of target names: the module's full name equals one, or ends
-    with ``"." + target``, so what a job adapts is what its exported adapter selects."""
-    return any(name == target or name.endswith("." + target) for target in targets)
+    """Whether PEFT selects module ``name`` for ``target_modules=targets`` (PEFT's own check),
+    so what a job adapts is what its exported adapter selects."""
+    return bool(check_target_module_exists(_targets_config(tuple(targets)), name))
+
+
+@functools.lru_cache(maxsize=64)
+def _targets_config(targets: tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(target_modules=list(targets))
 
 
 def matched_modules(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:

@@ -1,6 +1,6 @@
 """Injection of compound adapters into a model, and the ``compound`` method the trainer uses.
 
-Target modules are matched with PEFT's rule (``qpa.models.matches_target``), so the
+Target modules are matched by PEFT's own check (``qpa.models.matches_target``), so the
 exported adapter's ``target_modules`` select exactly the modules trained here.
 """
 
