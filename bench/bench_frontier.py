@@ -72,6 +72,9 @@ ROWS: dict[str, Row] = {
     "lora_r8": _lora(8),
     "vera_r16": Row("PEFT VeRA r=16", "VeRA", peft=("vera", {"r": 16})),
     "vera_r256": Row("PEFT VeRA r=256", "VeRA", peft=("vera", {"r": 256})),
+    # The product's vera method (the same adapter trained by qpa.training) at PEFT VeRA
+    # r=256's rate: the two paths side by side.
+    "vera": Row("VeRA r=256 (method vera)", "VeRA", {"method": "vera"}, of="vera_r256"),
     "oft": Row("PEFT OFT (blocks of 32)", "OFT", peft=("oft", {"r": 0, "oft_block_size": 32})),
     "qpa_compact": _qpa("QPA compact", "compact"),
     "qpa_balanced": _qpa("QPA balanced", "balanced", targets=ALL_PROJECTIONS),

@@ -225,6 +225,16 @@ def test_frontier_rows_train_each_presets_own_module_set():
             assert TARGET_SETS[target_set]["llama"] in [list(row.targets) for row in rows]
 
 
+def test_frontier_measures_every_method_through_the_trainer():
+    """Each registered method has a frontier row that trains it with qpa.training (not only a
+    PEFT loop beside it)."""
+    from bench.bench_frontier import ROWS
+    from qpa.methods import methods
+
+    measured = {row.config.get("method") for row in ROWS.values() if row.peft is None}
+    assert set(methods()) <= measured
+
+
 def test_frontier_counts_only_runs_of_each_rows_current_definition():
     """A row whose config changed keeps its old runs in frontier.json; they must not mix
     into its sweep or summary. An ablation row takes its parent's rate even when the
