@@ -81,6 +81,13 @@ ROWS: dict[str, Row] = {
     "qpa_paper": _qpa("QPA paper", "paper", targets=ALL_PROJECTIONS),
     "qpa_compact_frozen": _qpa("QPA compact, angles frozen", "compact", "frozen_angles",
                                of="qpa_compact"),
+    # Compact's eight circuits writing every projection instead of q/v (its 60-step research
+    # run, frontier_variants.json qpa_compact_all7, gained 5 points at 4.5 % more parameters).
+    "qpa_compact_all": _qpa("QPA compact, every projection", "compact",
+                            family="QPA ablation", targets=ALL_PROJECTIONS),
+    "qpa_compact_all_frozen": _qpa("QPA compact every projection, angles frozen", "compact",
+                                   "frozen_angles", of="qpa_compact_all",
+                                   targets=ALL_PROJECTIONS),
     "qpa_balanced_frozen": _qpa("QPA balanced, angles frozen", "balanced", "frozen_angles",
                                 of="qpa_balanced", targets=ALL_PROJECTIONS),
     # The balanced and paper generators writing LoRA for q/v only (the presets before they
@@ -358,7 +365,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         "; ".join(f"{n} vs {', '.join(p)}: {'yes' if ok else 'no'}" for n, ok, p in beats)
         or "no LoRA r=1 or VeRA row measured yet")
     pairs = []
-    for name in ("qpa_compact", "qpa_balanced", "qpa_balanced_qv"):
+    for name in ("qpa_compact", "qpa_compact_all", "qpa_balanced", "qpa_balanced_qv"):
         parent, frozen = rows.get(name), rows.get(f"{name}_frozen")
         if parent and frozen:
             diff = frozen["eval_loss_mean"] - parent["eval_loss_mean"]

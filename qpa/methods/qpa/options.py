@@ -24,8 +24,10 @@ class QpaOptions(PresetSection):
     # qubit, a few more angles, per doubling), so generating LoRA for every projection is
     # nearly free: at 60 steps balanced reached 80.5 % of LoRA r=4's gain there against
     # 72.5 % on q/v, paper 92.6 % against 81.5 % (research runs, docs/BENCHMARKS.md
-    # section 4). compact (+5 points there) stays on q/v, where the frontier showed its
-    # trained circuit matters, until that is measured again on every projection.
+    # section 4). compact stays on q/v although the frontier measured it on every projection
+    # at 150 steps (60.0 % against 56.3 % at 1.92 % against 1.83 %, the trained circuit
+    # still ahead of frozen angles): the QPU measurements behind quantum.preset and the QPU
+    # estimates were made on compact q/v, and more modules need more qubits.
     TARGET_SETS: ClassVar[dict[str, str]] = {"balanced": "all_linear", "paper": "all_linear"}
     # The frontier's sweep chose 1e-2 for all three (60 steps at 1e-3, 3e-3, 1e-2, 3e-2:
     # balanced on every projection 2.874, 2.818, 2.778, 2.850; paper on every projection
